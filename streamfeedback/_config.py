@@ -1,0 +1,332 @@
+"""The TOML config, decoded into typed, frozen msgspec Structs.
+
+Keys follow CONTRACT.md. Every error names the file and the key (`ConfigError`), so a user
+can find the typo without reading a traceback. Relative paths in the file are relative to the
+file itself, so a config runs the same from any working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from ._exceptions import ConfigError
+
+__all__ = [
+    "ASPECTS",
+    "Config",
+    "EngineConfig",
+    "GeneratorConfig",
+    "OutputConfig",
+    "PipelineConfig",
+    "RaterConfig",
+    "RoutingConfig",
+    "SourceConfig",
+    "load_config",
+]
+
+Backend = Literal["vllm", "openai", "sim"]
+Aspect = Literal["helpfulness", "honesty", "instruction-following", "truthfulness", "overall-rating"]
+ASPECTS: tuple[str, ...] = (
+    "helpfulness",
+    "honesty",
+    "instruction-following",
+    "truthfulness",
+    "overall-rating",
+)
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every section: unknown keys are errors, so typos never pass silently."""
+
+
+class SourceConfig(_Section):
+    """Where prompts come from: a file (`path`) or a `datasets` dataset (`dataset`)."""
+
+    path: str | None = None
+    dataset: str | None = None
+    split: str = "train"
+    subset: str | None = None
+    streaming: bool = True
+    column: str = "instruction"
+    id_column: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("set exactly one of `path` and `dataset`")
+
+
+class RoutingConfig(_Section):
+    """How prompts are spread over the pool: `n` models per batch of `batch_size` prompts."""
+
+    n: int = 3
+    batch_size: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError("`n` must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError("`batch_size` must be at least 1")
+
+
+class EngineConfig(_Section):
+    """Keys shared by generators and the rater: the backend and how to reach and drive it."""
+
+    backend: Backend
+    model: str
+    max_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 1.0
+    seed: int | None = None
+    max_concurrency: int | None = None
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    timeout: float = 600.0
+    max_retries: int = 5
+    # openai
+    base_url: str | None = None
+    api_key_env: str | None = None
+    # vllm
+    gpu: int | None = None
+    gpus: list[int] | None = None
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    dtype: str = "auto"
+    enforce_eager: bool = False
+    trust_remote_code: bool = False
+    download_dir: str | None = None
+    quantization: str | None = None
+    # sim
+    sim_ttft: float = 0.0
+    sim_tpot: float = 0.0
+    sim_slots: int = 256
+    sim_output_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("`max_tokens` must be at least 1")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError("`max_concurrency` must be at least 1")
+        for key in ("requests_per_minute", "tokens_per_minute"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ValueError(f"`{key}` must be positive")
+        if self.gpu is not None and self.gpus is not None:
+            raise ValueError("set `gpu` or `gpus`, not both")
+        if self.backend == "vllm" and self.gpu is None and not self.gpus:
+            raise ValueError("a vllm engine needs `gpu = k` or `gpus = [...]`")
+        if self.sim_slots < 1:
+            raise ValueError("`sim_slots` must be at least 1")
+
+    @property
+    def gpu_ids(self) -> list[int]:
+        """The GPUs this engine owns (vllm only)."""
+        if self.gpus is not None:
+            return list(self.gpus)
+        return [] if self.gpu is None else [self.gpu]
+
+    @property
+    def concurrency(self) -> int:
+        """Requests this engine may have in flight at once."""
+        if self.max_concurrency is not None:
+            return self.max_concurrency
+        if self.backend == "vllm":
+            return max(1, int(self.max_num_seqs * 1.1))
+        return 256
+
+
+class GeneratorConfig(EngineConfig):
+    """One model of the pool. `name` is what records call it (defaults to `model`)."""
+
+    name: str | None = None
+    system_prompt: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.model
+
+
+class RaterConfig(EngineConfig):
+    """The judge: an engine plus the UltraFeedback aspect(s) it rates."""
+
+    max_tokens: int = 2048
+    max_concurrency: int | None = 32
+    aspect: Aspect = "overall-rating"
+    aspects: list[Aspect] | None = None
+    shuffle: bool = False
+    max_attempts: int = 3
+    input_cost_per_mtok: float | None = None
+    output_cost_per_mtok: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_attempts < 1:
+            raise ValueError("`max_attempts` must be at least 1")
+        if self.aspects is not None and not self.aspects:
+            raise ValueError("`aspects` must name at least one aspect")
+
+    @property
+    def aspect_list(self) -> list[str]:
+        return list(self.aspects) if self.aspects else [self.aspect]
+
+
+class OutputConfig(_Section):
+    """Where records and failures go. `path = "-"` is stdout."""
+
+    path: str = "-"
+    failures: str = "failures.ndjson"
+
+
+class PipelineConfig(_Section):
+    """Tuning: channel bounds and the shutdown deadline."""
+
+    buffer: int = 64
+    drain_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.buffer < 1:
+            raise ValueError("`buffer` must be at least 1")
+
+
+class Config(_Section):
+    """The whole run. Build it with `load_config` (or `msgspec.convert` in code)."""
+
+    source: SourceConfig
+    generators: list[GeneratorConfig]
+    rater: RaterConfig
+    routing: RoutingConfig = RoutingConfig()
+    output: OutputConfig = OutputConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, decode and check a TOML config; relative paths become relative to its folder.
+
+    :raises ConfigError: naming the file and, where it applies, the key.
+    """
+    file = Path(path)
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(file), None, f"cannot read config: {exc.strerror or exc}") from exc
+    try:
+        config = msgspec.toml.decode(data, type=Config)
+    except msgspec.ValidationError as exc:
+        key, message = _split_validation_error(str(exc))
+        raise ConfigError(str(file), key, message) from exc
+    except msgspec.DecodeError as exc:
+        raise ConfigError(str(file), None, f"invalid TOML: {exc}") from exc
+    config = _resolve_paths(config, file.parent)
+    check_config(config, str(file))
+    return config
+
+
+def check_config(config: Config, origin: str = "<config>") -> None:
+    """Cross-section checks that one section alone cannot make.
+
+    :raises ConfigError: naming the key at fault.
+    """
+    if not config.generators:
+        raise ConfigError(origin, "generators", "the pool is empty: add [[generators]] tables")
+    names = Counter(g.label for g in config.generators)
+    for i, g in enumerate(config.generators):
+        if names[g.label] > 1:
+            raise ConfigError(
+                origin, f"generators[{i}].name", f"two generators are named {g.label!r}"
+            )
+    if config.routing.n > len(config.generators):
+        raise ConfigError(
+            origin,
+            "routing.n",
+            f"n = {config.routing.n} is larger than the pool of "
+            f"{len(config.generators)} generators",
+        )
+    owners: dict[int, str] = {}
+    engines: list[tuple[str, EngineConfig]] = [
+        (f"generators[{i}]", g) for i, g in enumerate(config.generators)
+    ]
+    engines.append(("rater", config.rater))
+    for where, engine in engines:
+        if engine.backend != "vllm":
+            continue
+        for gpu in engine.gpu_ids:
+            if gpu in owners:
+                raise ConfigError(
+                    origin,
+                    f"{where}.gpu",
+                    f"GPU {gpu} is already used by {owners[gpu]}: one vllm engine per GPU",
+                )
+            owners[gpu] = where
+
+
+def check_environment(config: Config, origin: str = "<config>") -> None:
+    """Check that every API-key variable the config names is set, before any work starts.
+
+    :raises ConfigError: naming the key and the variable (never its value).
+    """
+    engines: list[tuple[str, EngineConfig]] = [
+        (f"generators[{i}]", g) for i, g in enumerate(config.generators)
+    ]
+    engines.append(("rater", config.rater))
+    for where, engine in engines:
+        if engine.backend != "openai":
+            continue
+        var = api_key_env(engine)
+        if var is not None and not os.environ.get(var):
+            raise ConfigError(
+                origin,
+                f"{where}.api_key_env",
+                f"environment variable {var} is not set (it should hold the API key)",
+            )
+
+
+def api_key_env(engine: EngineConfig) -> str | None:
+    """The variable that holds this engine's key: the configured one, or OPENAI_API_KEY for
+    the OpenAI API itself (no `base_url`); local servers need none."""
+    if engine.api_key_env:
+        return engine.api_key_env
+    return "OPENAI_API_KEY" if engine.base_url is None else None
+
+
+_PATH_SUFFIX = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`$")
+
+
+def _split_validation_error(text: str) -> tuple[str | None, str]:
+    """Turn msgspec's "... - at `$.a.b[0]`" into ("a.b[0]", "...")."""
+    match = _PATH_SUFFIX.match(text)
+    assert match is not None
+    message, path = match["msg"], (match["path"] or "").lstrip(".")
+    unknown = _UNKNOWN_FIELD.match(message)
+    if unknown:
+        field = unknown["field"]
+        path = f"{path}.{field}" if path else field
+        message = f"unknown key {field!r}"
+    return (path or None), message
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def resolve(value: str | None) -> str | None:
+        if value is None or value == "-":
+            return value
+        return str(base / value) if not Path(value).is_absolute() else value
+
+    source = config.source
+    if source.path is not None:
+        source = msgspec.structs.replace(source, path=resolve(source.path))
+    elif source.dataset is not None and (base / source.dataset).exists():
+        source = msgspec.structs.replace(source, dataset=resolve(source.dataset))
+    output = msgspec.structs.replace(
+        config.output,
+        path=resolve(config.output.path) or "-",
+        failures=resolve(config.output.failures) or "failures.ndjson",
+    )
+    return msgspec.structs.replace(config, source=source, output=output)

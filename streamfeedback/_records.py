@@ -1,0 +1,147 @@
+"""Typed records that cross stage boundaries, in data-flow order.
+
+Prompt -> GenerationJob -> ChatRequest/Completion -> Generation | GenerationFailure
+-> Joined -> Record | Failure. Every one is a frozen msgspec Struct so a stage cannot
+mutate what another stage still holds, and so the sink can encode without copying.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = [
+    "AspectResult",
+    "ChatRequest",
+    "Completion",
+    "Failure",
+    "Generation",
+    "GenerationFailure",
+    "GenerationJob",
+    "Joined",
+    "Message",
+    "Prompt",
+    "Record",
+]
+
+
+class Prompt(msgspec.Struct, frozen=True, kw_only=True):
+    """One instruction from the source. `line` is its 1-based position there, for messages."""
+
+    id: str
+    instruction: str
+    line: int | None = None
+
+
+class Message(msgspec.Struct, frozen=True):
+    """One chat message, as the OpenAI and vLLM chat templates take it."""
+
+    role: str
+    content: str
+
+
+class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What an engine is asked: one chat, one completion."""
+
+    id: str
+    messages: list[Message]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+class Completion(msgspec.Struct, frozen=True, kw_only=True):
+    """What an engine answers. Token counts are the engine's own where it reports them."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    latency_s: float = 0.0
+
+
+class GenerationJob(msgspec.Struct, frozen=True, kw_only=True):
+    """A prompt routed to one model: `slot` is that model's place among the prompt's `models`."""
+
+    prompt: Prompt
+    models: tuple[str, ...]
+    slot: int
+
+
+class Generation(msgspec.Struct, frozen=True, kw_only=True):
+    """One model's response to one prompt."""
+
+    prompt: Prompt
+    models: tuple[str, ...]
+    slot: int
+    model: str
+    text: str
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    finish_reason: str | None = None
+    latency_s: float = 0.0
+
+
+class GenerationFailure(msgspec.Struct, frozen=True, kw_only=True):
+    """One model failed one prompt for good (after its retries)."""
+
+    prompt: Prompt
+    models: tuple[str, ...]
+    slot: int
+    model: str
+    error: str
+    attempts: int = 1
+
+
+class Joined(msgspec.Struct, frozen=True, kw_only=True):
+    """All responses of a prompt, in routing order: what the judge rates (and the spool keeps)."""
+
+    prompt: Prompt
+    generations: list[Generation]
+
+
+class AspectResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One aspect's judgement of every response of a prompt, indexed like `generations`."""
+
+    ratings: list[int | None]
+    rationales: list[str | None]
+    types: list[list[int] | None] | None = None
+    rationales_for_ratings: list[str | None] | None = None
+    attempts: int = 1
+
+
+class Record(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One output line: a prompt, its responses and the judge's ratings, aligned by index.
+
+    The first seven fields are the UltraFeedback columns (CONTRACT.md); the rest are extras.
+    """
+
+    id: str
+    instruction: str
+    generations: list[str]
+    generation_models: list[str]
+    ratings: list[int | None]
+    rationales: list[str | None]
+    ultrafeedback_model: str
+    types: list[list[int] | None] | None = None
+    rationales_for_ratings: list[str | None] | None = None
+    aspect: str | None = None
+    aspects: dict[str, AspectResult] | None = None
+    fine_grained_score: list[float | None] | None = None
+    judge_attempts: int | None = None
+    generation_tokens: list[int] | None = None
+    finish_reasons: list[str | None] | None = None
+    generation_latency_s: list[float] | None = None
+    simulated: bool = False
+
+
+class Failure(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A prompt that failed for good: one line of the failures file."""
+
+    id: str
+    stage: str
+    error: str
+    attempts: int = 1
+    instruction: str | None = None
+    line: int | None = None
+    model: str | None = None

@@ -1,0 +1,31 @@
+"""Model backends behind one interface (`Engine`), and the factory that picks one by config."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from .._config import EngineConfig
+from ._base import Engine, EngineStatistics
+from ._sim import SimEngine
+
+__all__ = ["Engine", "EngineStatistics", "SimEngine", "make_engine"]
+
+
+def make_engine(
+    name: str, config: EngineConfig, *, role: Literal["generator", "judge"] = "generator"
+) -> Engine:
+    """Build (but do not start) the engine a config section asks for.
+
+    Heavy backends are imported here, not at package import, so the CPU-only install works.
+    """
+    if config.backend == "sim":
+        return SimEngine(name, config, role=role)
+    if config.backend == "openai":
+        from ._openai import OpenAIEngine
+
+        return OpenAIEngine(name, config)
+    if config.backend == "vllm":
+        from ._vllm import VLLMEngine
+
+        return VLLMEngine(name, config)
+    raise ValueError(f"unknown backend {config.backend!r}")
