@@ -1,0 +1,78 @@
+"""streamfeedback: stream prompts through a pool of LLMs and a judge, NDJSON out."""
+
+from __future__ import annotations
+
+from ._config import (
+    Config,
+    EngineConfig,
+    GeneratorConfig,
+    OutputConfig,
+    PipelineConfig,
+    RaterConfig,
+    RoutingConfig,
+    SourceConfig,
+    load_config,
+)
+from ._exceptions import (
+    ConfigError,
+    EngineBusy,
+    EngineError,
+    EngineRequestError,
+    EngineTimeout,
+    EngineUnavailable,
+    JudgeError,
+    JudgeUnavailable,
+    SinkError,
+    SourceError,
+    StreamFeedbackError,
+)
+from ._records import (
+    AspectResult,
+    ChatRequest,
+    Completion,
+    Failure,
+    Generation,
+    GenerationFailure,
+    GenerationJob,
+    Joined,
+    Message,
+    Prompt,
+    Record,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AspectResult",
+    "ChatRequest",
+    "Completion",
+    "Config",
+    "ConfigError",
+    "EngineBusy",
+    "EngineConfig",
+    "EngineError",
+    "EngineRequestError",
+    "EngineTimeout",
+    "EngineUnavailable",
+    "Failure",
+    "Generation",
+    "GenerationFailure",
+    "GenerationJob",
+    "GeneratorConfig",
+    "Joined",
+    "JudgeError",
+    "JudgeUnavailable",
+    "Message",
+    "OutputConfig",
+    "PipelineConfig",
+    "Prompt",
+    "RaterConfig",
+    "Record",
+    "RoutingConfig",
+    "SinkError",
+    "SourceConfig",
+    "SourceError",
+    "StreamFeedbackError",
+    "__version__",
+    "load_config",
+]
