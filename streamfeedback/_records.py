@@ -25,11 +25,17 @@ __all__ = [
 
 
 class Prompt(msgspec.Struct, frozen=True, kw_only=True):
-    """One instruction from the source. `line` is its 1-based position there, for messages."""
+    """One instruction from the source.
+
+    `line` is where it stands in the source file (for messages); `index` is its 1-based
+    ordinal among the source's prompts, which routing uses so that skipping prompts on
+    resume does not change where the others go.
+    """
 
     id: str
     instruction: str
     line: int | None = None
+    index: int = 0
 
 
 class Message(msgspec.Struct, frozen=True):

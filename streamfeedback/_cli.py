@@ -1,0 +1,269 @@
+"""The command line: argv -> config -> pipeline -> NDJSON; errors -> exit codes.
+
+Stdout carries records only; logs, progress and the summary go to stderr. Exit status:
+0 every prompt has a record, 1 some prompts failed (see the failures file), 2 bad config or
+input, 130 interrupted before the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+import anyio
+
+from . import __version__
+from ._config import Config, check_environment, load_config
+from ._exceptions import (
+    ConfigError,
+    EngineUnavailable,
+    JudgeUnavailable,
+    SinkError,
+    SourceError,
+    StreamFeedbackError,
+)
+from ._pipeline import Pipeline
+from ._stages.sink import NdjsonWriter, drain, read_done_ids
+from ._stages.source import open_source
+
+log = logging.getLogger("streamfeedback")
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose - args.quiet)
+    try:
+        if args.command == "validate":
+            return _validate(args.config)
+        if args.command == "run":
+            return _run_blocking(args)
+        if args.command == "bench":
+            from ._bench import main as bench_main
+
+            return bench_main(args)
+    except (ConfigError, SourceError) as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return EXIT_INTERRUPTED
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamfeedback",
+        description="Stream prompts through a pool of LLMs and a judge; NDJSON records out.",
+    )
+    parser.add_argument("--version", action="version", version=f"streamfeedback {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logs on stderr")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="fewer logs on stderr")
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run the pipeline; records to stdout (or -o)")
+    run.add_argument("config", help="the TOML config")
+    run.add_argument("-o", "--output", help="write records to PATH (appends; '-' is stdout)")
+    run.add_argument("--limit", type=int, help="take only the first N prompts of the source")
+    run.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="do not skip prompts already present in the output file",
+    )
+
+    validate = sub.add_parser("validate", help="check the config and print the plan")
+    validate.add_argument("config", help="the TOML config")
+
+    bench = sub.add_parser("bench", help="throughput benchmark on simulated engines")
+    bench.add_argument("--config", help="a config to take the pool from (its engines become sim)")
+    bench.add_argument("--prompts", type=int, default=2000, help="prompts to stream")
+    bench.add_argument("--models", type=int, default=6, help="pool size without --config")
+    bench.add_argument("--sim-ttft", type=float, default=0.0)
+    bench.add_argument("--sim-tpot", type=float, default=0.0)
+    bench.add_argument("--sim-slots", type=int, default=256)
+    bench.add_argument("--sim-output-tokens", type=int, default=64)
+    bench.add_argument("--batch-size", type=int, default=2)
+    return parser
+
+
+class _StderrFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"streamfeedback: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_logging(level: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_StderrFormatter())
+    root = logging.getLogger("streamfeedback")
+    root.handlers[:] = [handler]
+    root.propagate = False
+    root.setLevel({-1: logging.WARNING, 0: logging.INFO}.get(level, logging.DEBUG if level > 0
+                                                               else logging.ERROR))
+
+
+def _validate(path: str) -> int:
+    config = load_config(path)
+    sys.stdout.write(plan(config, path))
+    try:
+        check_environment(config, path)
+    except ConfigError as exc:
+        log.warning("%s (the run would stop here)", exc)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def plan(config: Config, path: str) -> str:
+    """A human-readable summary of what a config would do."""
+    src = config.source
+    lines = [f"config: {path}"]
+    what = f"file {src.path}" if src.path else f"dataset {src.dataset} (split {src.split})"
+    id_from = f"column {src.id_column!r}" if src.id_column else "hash of the text"
+    lines.append(f"source: {what}; instruction from column {src.column!r}; id from {id_from}")
+    r = config.routing
+    lines.append(
+        f"routing: {r.n} of {len(config.generators)} models per batch of {r.batch_size} "
+        f"prompt(s), seed {r.seed}"
+    )
+    lines.append("generators:")
+    for g in config.generators:
+        where = {
+            "vllm": f"GPU {','.join(map(str, g.gpu_ids))}",
+            "openai": g.base_url or "OpenAI API",
+            "sim": "simulated",
+        }[g.backend]
+        lines.append(
+            f"  - {g.label}: {g.backend} {g.model} on {where}; max_tokens {g.max_tokens}, "
+            f"temperature {g.temperature}, up to {g.concurrency} in flight"
+        )
+    j = config.rater
+    limits = ", ".join(
+        f"{v:g} {k}"
+        for k, v in (("requests/min", j.requests_per_minute), ("tokens/min", j.tokens_per_minute))
+        if v is not None
+    )
+    where = {"vllm": f"GPU {','.join(map(str, j.gpu_ids))}", "openai": j.base_url or "OpenAI API",
+             "sim": "simulated"}[j.backend]
+    lines.append(
+        f"judge: {j.backend} {j.model} on {where}; aspects {', '.join(j.aspect_list)}; "
+        f"max_tokens {j.max_tokens}, temperature {j.temperature}; "
+        f"up to {j.concurrency} at once{'; ' + limits if limits else ''}"
+        f"{'; responses shuffled' if j.shuffle else ''}; up to {j.max_attempts} attempts"
+    )
+    out = config.output
+    lines.append(f"output: {'stdout' if out.path == '-' else out.path}; failures: {out.failures}")
+    return "\n".join(lines) + "\n"
+
+
+def _run_blocking(args: argparse.Namespace) -> int:
+    backend_options = {"use_uvloop": True} if sys.platform != "win32" else {}
+    return anyio.run(_run, args, backend="asyncio", backend_options=backend_options)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    check_environment(config, args.config)
+    out = args.output or config.output.path
+    failures_path = config.output.failures
+    if args.output and args.output != "-":
+        failures_path = f"{args.output}.failures.ndjson"
+    skip: set[str] = set()
+    if out != "-" and args.resume and os.path.exists(out):
+        skip, torn = read_done_ids(out)
+        if torn:
+            log.warning("%s: cut a torn last line (%d bytes) left by an interrupted run", out, torn)
+        log.info("resuming: %d prompts already in %s will be skipped", len(skip), out)
+    if os.path.exists(failures_path):
+        os.truncate(failures_path, 0)
+    source = await open_source(config.source)
+
+    started = time.monotonic()
+    interrupted = False
+    pipeline: Pipeline | None = None
+    exit_code = EXIT_OK
+
+    async def watch_signals(run_scope: anyio.CancelScope) -> None:
+        nonlocal interrupted
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if interrupted or pipeline is None:
+                    if interrupted:
+                        log.warning("second %s: cancelling requests in flight",
+                                    signal.Signals(signum).name)
+                    interrupted = True
+                    run_scope.cancel()
+                    return
+                interrupted = True
+                log.warning(
+                    "%s: no new prompts; finishing those in flight (up to %gs; again to cancel)",
+                    signal.Signals(signum).name,
+                    config.pipeline.drain_timeout,
+                )
+                pipeline.stop_intake()
+                run_scope.deadline = anyio.current_time() + config.pipeline.drain_timeout
+
+    try:
+        async with anyio.create_task_group() as tg:
+            with anyio.CancelScope() as run_scope:
+                tg.start_soon(watch_signals, run_scope)
+                async with Pipeline(
+                    config, skip_ids=skip, limit=args.limit, failures_path=failures_path
+                ) as pipeline, NdjsonWriter(out) as writer:
+                    await drain(pipeline.run(source), writer)
+            tg.cancel_scope.cancel()
+    except (EngineUnavailable, JudgeUnavailable) as exc:
+        log.error("%s", exc)
+        exit_code = EXIT_USAGE if isinstance(exc, JudgeUnavailable) else EXIT_FAILURES
+    except SinkError as exc:
+        log.error("%s", exc)
+        exit_code = EXIT_FAILURES
+    except StreamFeedbackError as exc:
+        if isinstance(exc, (ConfigError, SourceError)):
+            raise
+        log.error("%s", exc)
+        exit_code = EXIT_FAILURES
+    if pipeline is not None:
+        _summary(pipeline, config, out, failures_path, time.monotonic() - started)
+        stats = pipeline.statistics()
+        if exit_code == EXIT_OK and stats.failures:
+            exit_code = EXIT_FAILURES
+    if interrupted and exit_code == EXIT_OK:
+        exit_code = EXIT_INTERRUPTED
+    if interrupted and out == "-":
+        log.warning("records went to stdout: to resume an interrupted run, write with -o FILE")
+    return exit_code
+
+
+def _summary(pipeline: Pipeline, config: Config, out: str, failures: str, wall: float) -> None:
+    s = pipeline.statistics()
+    judge_usage = getattr(pipeline.judge_engine, "statistics", None)
+    judge_tokens = ""
+    if judge_usage is not None:
+        usage = judge_usage()
+        prompt_tokens = getattr(usage, "prompt_tokens", 0)
+        completion_tokens = getattr(usage, "completion_tokens", 0)
+        judge_tokens = f", {prompt_tokens} prompt + {completion_tokens} completion tokens"
+        rater = config.rater
+        if rater.input_cost_per_mtok is not None or rater.output_cost_per_mtok is not None:
+            cost = (prompt_tokens * (rater.input_cost_per_mtok or 0.0)
+                    + completion_tokens * (rater.output_cost_per_mtok or 0.0)) / 1e6
+            judge_tokens += f", est. cost ${cost:.2f}"
+    rate = s.records / wall if wall > 0 else 0.0
+    log.info(
+        "done: %d records in %.1fs (%.1f/s), %d skipped (already in output), %d failed%s, "
+        "%d duplicates dropped; %d generated tokens; judge: %d requests (%d re-asks), "
+        "%d null ratings%s",
+        s.records, wall, rate, s.skipped, s.failures,
+        f" (see {failures})" if s.failures else "", s.duplicates, s.generation_tokens,
+        s.judge_requests, s.judge_reasks, s.null_ratings, judge_tokens,
+    )
+
+

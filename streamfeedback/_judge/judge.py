@@ -1,0 +1,184 @@
+"""The judge: one request per aspect per prompt, parsed by text number, re-asked when unreadable.
+
+The responses may be shown in a shuffled order (the paper's guard against position bias);
+every parsed block is mapped back through that permutation, so `ratings[i]` always belongs
+to `generations[i]`. A response whose block cannot be read after `max_attempts` is null,
+never a neighbour's value.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+
+import msgspec
+
+from .._config import RaterConfig
+from .._exceptions import EngineError, EngineUnavailable, JudgeError, JudgeUnavailable
+from .._records import AspectResult, ChatRequest, Joined, Record
+from ..engines import Engine
+from .aspects import ASPECTS, build_messages
+from .parser import BlockRating, parse_answer
+
+__all__ = ["Judge", "JudgeStatistics"]
+
+log = logging.getLogger("streamfeedback.judge")
+
+
+class JudgeStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    requests: int
+    reasks: int
+    null_ratings: int
+    ratings: int
+
+
+def _readable(block: BlockRating | None) -> bool:
+    return block is not None and (block.rating is not None or block.not_applicable)
+
+
+class Judge:
+    """Rates joined prompts with an engine, for the aspects of a `RaterConfig`."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        config: RaterConfig,
+        *,
+        label: str | None = None,
+        seed: int = 0,
+        simulated: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.label = label or config.model
+        self.seed = seed
+        self.simulated = simulated
+        self.aspects = config.aspect_list
+        for aspect in self.aspects:
+            if aspect not in ASPECTS:
+                raise ValueError(f"unknown aspect {aspect!r}")
+        self._requests = 0
+        self._reasks = 0
+        self._null = 0
+        self._ratings = 0
+
+    def statistics(self) -> JudgeStatistics:
+        return JudgeStatistics(
+            requests=self._requests,
+            reasks=self._reasks,
+            null_ratings=self._null,
+            ratings=self._ratings,
+        )
+
+    async def rate(self, joined: Joined) -> Record:
+        """Rate every response of a prompt on every configured aspect.
+
+        :raises JudgeError: the judge failed this prompt for good.
+        :raises JudgeUnavailable: the judge cannot be used at all.
+        """
+        results = {aspect: await self._rate_aspect(joined, aspect) for aspect in self.aspects}
+        first = results[self.aspects[0]]
+        gens = joined.generations
+        record = Record(
+            id=joined.prompt.id,
+            instruction=joined.prompt.instruction,
+            generations=[g.text for g in gens],
+            generation_models=[g.model for g in gens],
+            ratings=first.ratings,
+            rationales=first.rationales,
+            ultrafeedback_model=self.label,
+            types=first.types,
+            rationales_for_ratings=first.rationales_for_ratings,
+            aspect=self.aspects[0],
+            judge_attempts=max(r.attempts for r in results.values()),
+            generation_tokens=[g.completion_tokens for g in gens],
+            finish_reasons=[g.finish_reason for g in gens],
+            generation_latency_s=[round(g.latency_s, 4) for g in gens],
+            simulated=self.simulated,
+        )
+        if len(self.aspects) > 1:
+            record = msgspec.structs.replace(
+                record,
+                aspects=results,
+                fine_grained_score=fine_grained_scores(list(results.values()), len(gens)),
+            )
+        return record
+
+    def _order(self, prompt_id: str, aspect: str, n: int) -> list[int]:
+        order = list(range(n))
+        if self.config.shuffle:
+            random.Random(f"{self.seed}:{prompt_id}:{aspect}").shuffle(order)
+        return order
+
+    async def _rate_aspect(self, joined: Joined, aspect: str) -> AspectResult:
+        spec = ASPECTS[aspect]
+        n = len(joined.generations)
+        order = self._order(joined.prompt.id, aspect, n)
+        texts = [joined.generations[i].text for i in order]
+        messages = build_messages(aspect, joined.prompt.instruction, texts)
+        shown: list[BlockRating | None] = [None] * n
+        attempts = 0
+        while attempts < self.config.max_attempts:
+            attempts += 1
+            if attempts > 1:
+                self._reasks += 1
+            request = ChatRequest(
+                id=f"{joined.prompt.id}:{aspect}:{attempts}",
+                messages=messages,
+                max_tokens=self.config.max_tokens,
+                temperature=self.config.temperature,
+                top_p=self.config.top_p,
+                seed=self.config.seed,
+            )
+            self._requests += 1
+            try:
+                completion = await self.engine.generate(request)
+            except EngineUnavailable as exc:
+                raise JudgeUnavailable(f"judge {self.label}: {exc}") from exc
+            except EngineError as exc:
+                raise JudgeError(f"judge {self.label} ({aspect}): {exc}") from exc
+            parsed = parse_answer(
+                completion.text, n, typed=spec.typed, allows_na=spec.allows_na
+            )
+            for k, block in enumerate(parsed):
+                if not _readable(shown[k]) and block is not None:
+                    shown[k] = block
+            if all(_readable(b) for b in shown):
+                break
+            log.debug(
+                "judge answer for %s (%s) has unreadable blocks (attempt %d of %d)",
+                joined.prompt.id,
+                aspect,
+                attempts,
+                self.config.max_attempts,
+            )
+        blocks: list[BlockRating | None] = [None] * n
+        for k, original in enumerate(order):
+            blocks[original] = shown[k]
+        ratings = [b.rating if b is not None else None for b in blocks]
+        self._ratings += n
+        self._null += sum(1 for b in blocks if not _readable(b))
+        if spec.typed:
+            return AspectResult(
+                ratings=ratings,
+                rationales=[b.types_rationale if b else None for b in blocks],
+                types=[b.types if b else None for b in blocks],
+                rationales_for_ratings=[b.rationale if b else None for b in blocks],
+                attempts=attempts,
+            )
+        return AspectResult(
+            ratings=ratings,
+            rationales=[b.rationale if b else None for b in blocks],
+            attempts=attempts,
+        )
+
+
+def fine_grained_scores(results: Sequence[AspectResult], n: int) -> list[float | None]:
+    """Per response, the mean rating over aspects, skipping nulls and N/A."""
+    scores: list[float | None] = []
+    for i in range(n):
+        values = [r.ratings[i] for r in results if r.ratings[i] is not None]
+        scores.append(round(sum(v for v in values if v is not None) / len(values), 4)
+                      if values else None)
+    return scores

@@ -1,0 +1,427 @@
+"""The pipeline: creates every channel, wires the stages, owns every task.
+
+    source -> intake -> routing -> generation (one worker pool per engine) -> gather
+           -> rating (judge worker pool) -> records (to the caller)
+    intake, gather, rating -> failures -> failures file
+
+Every channel is a bounded anyio memory stream created here and nowhere else; each stage
+closes what it was handed, so the end of the source ripples down as end-of-stream and a
+slow judge back-pressures the source instead of filling memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._config import Config, check_config, check_environment
+from ._exceptions import StreamFeedbackError
+from ._judge.judge import Judge
+from ._records import (
+    Failure,
+    Generation,
+    GenerationFailure,
+    GenerationJob,
+    Joined,
+    Prompt,
+    Record,
+)
+from ._stages import gather, generation, rating, routing
+from ._stages.sink import NdjsonWriter
+from ._stages.source import SourceProblem, open_source
+from .engines import Engine, make_engine
+
+__all__ = ["Pipeline", "PipelineStatistics", "RecordStream"]
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+log = logging.getLogger("streamfeedback")
+
+PromptInput = Prompt | str | Mapping[str, Any]
+
+
+class PipelineStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of a run: what came in, what went out, what is in flight."""
+
+    read: int
+    skipped: int
+    duplicates: int
+    records: int
+    failures: int
+    in_flight: int
+    pending_joins: int
+    generation_tokens: int
+    judge_requests: int
+    judge_reasks: int
+    null_ratings: int
+
+
+class RecordStream:
+    """The records of a run, as they are ready. Iterate it with `async for`."""
+
+    def __init__(self, stream: MemoryObjectReceiveStream[Record], owner: Pipeline) -> None:
+        self._stream = stream
+        self._owner = owner
+
+    def __aiter__(self) -> RecordStream:
+        return self
+
+    async def __anext__(self) -> Record:
+        try:
+            record = await self._stream.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+        self._owner._count(record)
+        return record
+
+    async def receive(self) -> Record:
+        """The next record. :raises anyio.EndOfStream: when the run is complete."""
+        record = await self._stream.receive()
+        self._owner._count(record)
+        return record
+
+    def receive_nowait(self) -> Record:
+        """A record already waiting. :raises anyio.WouldBlock: none is."""
+        record = self._stream.receive_nowait()
+        self._owner._count(record)
+        return record
+
+    @property
+    def exhausted(self) -> bool:
+        stats = self._stream.statistics()
+        return stats.open_send_streams == 0 and stats.current_buffer_used == 0
+
+
+def stable_id(text: str) -> str:
+    """A prompt id derived from its text, so reruns agree on it without an id column."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+class Pipeline:
+    """Streams prompts through the generator pool and the judge; yields `Record`s.
+
+    ```python
+    async with Pipeline(load_config("run.toml")) as pipeline:
+        async for record in pipeline.run():
+            ...
+    ```
+    Entering starts every engine (in parallel); leaving stops them, also on error or
+    cancellation. It runs in the caller's event loop. `engines` and `judge_engine` replace
+    the engines the config names (tests, embedding with engines you already hold).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        engines: Mapping[str, Engine] | None = None,
+        judge_engine: Engine | None = None,
+        skip_ids: Collection[str] = (),
+        limit: int | None = None,
+        failures_path: str | None = None,
+    ) -> None:
+        check_config(config)
+        self.config = config
+        self._generator_configs = {g.label: g for g in config.generators}
+        if engines is None:
+            engines = {g.label: make_engine(g.label, g) for g in config.generators}
+        missing = set(self._generator_configs) - set(engines)
+        if missing:
+            raise ValueError(f"no engine given for generators {sorted(missing)}")
+        self.engines: dict[str, Engine] = {name: engines[name] for name in self._generator_configs}
+        self.judge_engine = judge_engine or make_engine(
+            config.rater.model, config.rater, role="judge"
+        )
+        simulated = config.rater.backend == "sim" or any(
+            g.backend == "sim" for g in config.generators
+        )
+        self.judge = Judge(
+            self.judge_engine, config.rater, seed=config.routing.seed, simulated=simulated
+        )
+        self.skip_ids = frozenset(skip_ids)
+        self.limit = limit
+        self.failures_path = failures_path or config.output.failures
+        self._tg: TaskGroup | None = None
+        self._intake_scope = anyio.CancelScope()
+        self._records: RecordStream | None = None
+        self._started_engines: list[Engine] = []
+        self._read = self._skipped = self._duplicates = 0
+        self._records_out = self._failures_out = 0
+        self._generation_tokens = 0
+        self._pending_joins = 0
+
+    async def __aenter__(self) -> Pipeline:
+        check_environment(self.config)
+        try:
+            async with anyio.create_task_group() as tg:
+                for engine in [*self.engines.values(), self.judge_engine]:
+                    tg.start_soon(self._start_engine, engine, name=f"start-{engine.name}")
+        except BaseException as exc:
+            await self._close_engines()
+            raise _unwrap(exc) from None
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        tg, self._tg = self._tg, None
+        try:
+            if tg is None:
+                return None
+            if exc is not None or self._records is None or not self._records.exhausted:
+                tg.cancel_scope.cancel()
+            try:
+                return await tg.__aexit__(exc_type, exc, tb)
+            except BaseExceptionGroup as group:
+                raise _unwrap(group) from None
+        finally:
+            await self._close_engines()
+
+    def run(
+        self, prompts: Iterable[PromptInput] | AsyncIterable[PromptInput] | None = None
+    ) -> RecordStream:
+        """Start the run over `prompts` (default: the config's source); returns its records.
+
+        Records arrive as they are ready, not in source order. Call once per `Pipeline`.
+        """
+        if self._tg is None:
+            raise RuntimeError("enter the pipeline first: `async with Pipeline(config) as p:`")
+        if self._records is not None:
+            raise RuntimeError("run() may be called once per Pipeline")
+        cfg = self.config
+        size = cfg.pipeline.buffer
+        tg = self._tg
+
+        prompts_tx, prompts_rx = anyio.create_memory_object_stream[Prompt](size)
+        results_tx, results_rx = anyio.create_memory_object_stream[
+            Generation | GenerationFailure
+        ](size)
+        joined_tx, joined_rx = anyio.create_memory_object_stream[Joined](size)
+        records_tx, records_rx = anyio.create_memory_object_stream[Record](size)
+        failures_tx, failures_rx = anyio.create_memory_object_stream[Failure](size)
+        queues_tx: dict[str, MemoryObjectSendStream[GenerationJob]] = {}
+
+        tg.start_soon(self._intake, prompts, prompts_tx, failures_tx.clone(), name="intake")
+        for name, engine in self.engines.items():
+            queue_tx, queue_rx = anyio.create_memory_object_stream[GenerationJob](size)
+            queues_tx[name] = queue_tx
+            gen_config = self._generator_configs[name]
+            tg.start_soon(
+                lambda e=engine, q=queue_rx, c=gen_config, r=results_tx.clone(): generation.run(
+                    e, q, r, config=c, concurrency=c.concurrency
+                ),
+                name=f"generation-{name}",
+            )
+        results_tx.close()
+        tg.start_soon(
+            lambda: routing.run(
+                prompts_rx,
+                queues_tx,
+                n=cfg.routing.n,
+                batch_size=cfg.routing.batch_size,
+                seed=cfg.routing.seed,
+            ),
+            name="routing",
+        )
+        tg.start_soon(gather.run, results_rx, joined_tx, failures_tx.clone(), name="gather")
+        tg.start_soon(
+            lambda f=failures_tx.clone(): rating.run(
+                self.judge,
+                joined_rx,
+                records_tx,
+                f,
+                concurrency=cfg.rater.concurrency,
+            ),
+            name="rating",
+        )
+        failures_tx.close()
+        tg.start_soon(self._write_failures, failures_rx, name="failures")
+        self._records = RecordStream(records_rx, self)
+        self._records_rx = records_rx
+        return self._records
+
+    def stop_intake(self) -> None:
+        """Take no new prompts; everything already in flight finishes and is emitted."""
+        self._intake_scope.cancel()
+
+    def statistics(self) -> PipelineStatistics:
+        judge = self.judge.statistics()
+        return PipelineStatistics(
+            read=self._read,
+            skipped=self._skipped,
+            duplicates=self._duplicates,
+            records=self._records_out,
+            failures=self._failures_out,
+            in_flight=self._read - self._records_out - self._failures_out,
+            pending_joins=self._pending_joins,
+            generation_tokens=self._generation_tokens,
+            judge_requests=judge.requests,
+            judge_reasks=judge.reasks,
+            null_ratings=judge.null_ratings,
+        )
+
+    def _count(self, record: Record) -> None:
+        self._records_out += 1
+        self._generation_tokens += sum(record.generation_tokens or ())
+
+    async def _start_engine(self, engine: Engine) -> None:
+        self._started_engines.append(engine)
+        await engine.start()
+
+    async def _close_engines(self) -> None:
+        engines, self._started_engines = self._started_engines, []
+        with anyio.CancelScope(shield=True), anyio.move_on_after(
+            max(5.0, self.config.pipeline.drain_timeout)
+        ):
+            async with anyio.create_task_group() as tg:
+                for engine in engines:
+                    tg.start_soon(_close_quietly, engine)
+
+    async def _intake(
+        self,
+        prompts: Iterable[PromptInput] | AsyncIterable[PromptInput] | None,
+        out: MemoryObjectSendStream[Prompt],
+        failures: MemoryObjectSendStream[Failure],
+    ) -> None:
+        seen: set[str] = set()
+        ordinal = 0
+        async with out, failures:
+            with self._intake_scope:
+                items = await self._open(prompts)
+                try:
+                    async for item in items:
+                        if isinstance(item, SourceProblem):
+                            where = f"{item.path}:{item.line}" if item.line else item.path
+                            log.warning("skipping bad input at %s: %s", where, item.error)
+                            await failures.send(
+                                Failure(
+                                    id=item.id or where,
+                                    stage="source",
+                                    error=item.error,
+                                    line=item.line,
+                                )
+                            )
+                            continue
+                        if item.id in seen:
+                            self._duplicates += 1
+                            log.warning(
+                                "duplicate prompt id %r%s: kept the first",
+                                item.id,
+                                f" (line {item.line})" if item.line else "",
+                            )
+                            continue
+                        seen.add(item.id)
+                        ordinal += 1
+                        if self.limit is not None and ordinal > self.limit:
+                            break
+                        if item.id in self.skip_ids:
+                            self._skipped += 1
+                            continue
+                        self._read += 1
+                        await out.send(msgspec.structs.replace(item, index=ordinal))
+                finally:
+                    closer = getattr(items, "aclose", None)
+                    if closer is not None:
+                        with anyio.CancelScope(shield=True):
+                            await closer()
+            if self._intake_scope.cancelled_caught:
+                log.warning("intake stopped: no new prompts; finishing those in flight")
+
+    async def _open(
+        self, prompts: Iterable[PromptInput] | AsyncIterable[PromptInput] | None
+    ) -> AsyncIterator[Prompt | SourceProblem]:
+        if prompts is None:
+            return await open_source(self.config.source)
+        return _normalize(prompts, self.config.source.column, self.config.source.id_column)
+
+    async def _write_failures(self, failures: MemoryObjectReceiveStream[Failure]) -> None:
+        writer = NdjsonWriter(self.failures_path)
+        try:
+            async with failures:
+                async for first in failures:
+                    batch = [first]
+                    while True:
+                        try:
+                            batch.append(failures.receive_nowait())
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            break
+                    self._failures_out += len(batch)
+                    with anyio.CancelScope(shield=True):
+                        await writer.write_many(batch)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await writer.aclose()
+
+
+async def _normalize(
+    prompts: Iterable[PromptInput] | AsyncIterable[PromptInput],
+    column: str,
+    id_column: str | None,
+) -> AsyncIterator[Prompt | SourceProblem]:
+    """Turn the caller's prompts (Prompt, str or mapping) into `Prompt`s."""
+    line = 0
+
+    async def items() -> AsyncIterator[PromptInput]:
+        if isinstance(prompts, AsyncIterable):
+            async for item in prompts:
+                yield item
+        else:
+            for item in prompts:
+                yield item
+
+    async for item in items():
+        line += 1
+        if isinstance(item, Prompt):
+            yield item
+            continue
+        if isinstance(item, str):
+            text, pid = item, None
+        else:
+            raw = item.get(column)
+            if not isinstance(raw, str):
+                yield SourceProblem(path="<prompts>", line=line, error=f"no text in {column!r}")
+                continue
+            text = raw
+            pid = None if id_column is None or item.get(id_column) is None else str(
+                item[id_column]
+            )
+        if not text.strip():
+            yield SourceProblem(path="<prompts>", line=line, error="empty prompt", id=pid)
+            continue
+        yield Prompt(id=pid or stable_id(text), instruction=text, line=line)
+
+
+async def _close_quietly(engine: Engine) -> None:
+    try:
+        await engine.aclose()
+    except Exception as exc:  # a failing close must not hide the run's own outcome
+        log.warning("closing %s failed: %s", engine.name, exc)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The one meaningful error of a task-group failure, so callers can catch it plainly."""
+    while isinstance(exc, BaseExceptionGroup):
+        errors = [e for e in exc.exceptions if not isinstance(e, anyio.get_cancelled_exc_class())]
+        if len(errors) != 1:
+            ours = [e for e in errors if isinstance(e, StreamFeedbackError)]
+            if len(ours) == 1:
+                return ours[0]
+            return exc
+        exc = errors[0]
+    return exc
+

@@ -1,0 +1,62 @@
+"""Rating: a pool of judge workers; each joined prompt becomes a `Record` or a `Failure`.
+
+The pool size caps prompts under judgement; the judge engine's own limiter keeps requests
+within the API's limits, so workers simply wait their turn there.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .._exceptions import JudgeError, JudgeUnavailable
+from .._judge.judge import Judge
+from .._records import Failure, Joined, Record
+
+__all__ = ["run"]
+
+log = logging.getLogger("streamfeedback.rating")
+
+
+async def run(
+    judge: Judge,
+    joined: MemoryObjectReceiveStream[Joined],
+    records: MemoryObjectSendStream[Record],
+    failures: MemoryObjectSendStream[Failure],
+    *,
+    concurrency: int,
+) -> None:
+    """Rate everything from `joined`; closes `records` and `failures` at the end."""
+
+    async def worker(
+        inbox: MemoryObjectReceiveStream[Joined],
+        outbox: MemoryObjectSendStream[Record],
+        failed: MemoryObjectSendStream[Failure],
+    ) -> None:
+        async with inbox, outbox, failed:
+            async for item in inbox:
+                try:
+                    record = await judge.rate(item)
+                except JudgeUnavailable:
+                    raise
+                except JudgeError as exc:
+                    log.warning("rating failed for %s: %s", item.prompt.id, exc)
+                    await failed.send(
+                        Failure(
+                            id=item.prompt.id,
+                            stage="rating",
+                            error=str(exc),
+                            instruction=item.prompt.instruction,
+                            line=item.prompt.line,
+                        )
+                    )
+                    continue
+                await outbox.send(record)
+
+    async with joined, records, failures, anyio.create_task_group() as tg:
+        for i in range(concurrency):
+            tg.start_soon(
+                worker, joined.clone(), records.clone(), failures.clone(), name=f"judge-{i}"
+            )

@@ -1,0 +1,54 @@
+"""Routing: each batch of `batch_size` prompts goes to the same `n` models of the pool.
+
+The draw for a batch depends only on the seed and the batch's position in the source, so
+the same seed gives the same routing, also when a resumed run skips prompts already done.
+Each (prompt, model) pair is sent to that model's queue the moment the prompt arrives:
+nothing waits for a batch to fill.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .._records import GenerationJob, Prompt
+
+__all__ = ["models_for_batch", "run"]
+
+
+def models_for_batch(
+    pool: Sequence[str], *, n: int, seed: int, batch: int
+) -> tuple[str, ...]:
+    """The `n` distinct models that batch number `batch` goes to, in their record order."""
+    return tuple(random.Random(f"{seed}:{batch}").sample(list(pool), n))
+
+
+async def run(
+    prompts: MemoryObjectReceiveStream[Prompt],
+    queues: Mapping[str, MemoryObjectSendStream[GenerationJob]],
+    *,
+    n: int,
+    batch_size: int,
+    seed: int,
+) -> None:
+    """Fan each prompt out to the queues of its batch's models; closes every queue at the end.
+
+    `prompts` must carry their source ordinal in `Prompt.index` (1-based).
+    """
+    pool = list(queues)
+    current_batch = -1
+    models: tuple[str, ...] = ()
+    try:
+        async with prompts:
+            async for prompt in prompts:
+                batch = (prompt.index - 1) // batch_size
+                if batch != current_batch:
+                    current_batch = batch
+                    models = models_for_batch(pool, n=n, seed=seed, batch=batch)
+                for slot, model in enumerate(models):
+                    await queues[model].send(GenerationJob(prompt=prompt, models=models, slot=slot))
+    finally:
+        for queue in queues.values():
+            await queue.aclose()
