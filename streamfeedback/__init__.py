@@ -26,6 +26,7 @@ from ._exceptions import (
     SourceError,
     StreamFeedbackError,
 )
+from ._pipeline import Pipeline, PipelineStatistics, RecordStream
 from ._records import (
     AspectResult,
     ChatRequest,
@@ -64,10 +65,13 @@ __all__ = [
     "JudgeUnavailable",
     "Message",
     "OutputConfig",
+    "Pipeline",
     "PipelineConfig",
+    "PipelineStatistics",
     "Prompt",
     "RaterConfig",
     "Record",
+    "RecordStream",
     "RoutingConfig",
     "SinkError",
     "SourceConfig",

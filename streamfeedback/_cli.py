@@ -106,8 +106,11 @@ def _setup_logging(level: int) -> None:
     root = logging.getLogger("streamfeedback")
     root.handlers[:] = [handler]
     root.propagate = False
-    root.setLevel({-1: logging.WARNING, 0: logging.INFO}.get(level, logging.DEBUG if level > 0
-                                                               else logging.ERROR))
+    root.setLevel(
+        {-1: logging.WARNING, 0: logging.INFO}.get(
+            level, logging.DEBUG if level > 0 else logging.ERROR
+        )
+    )
 
 
 def _validate(path: str) -> int:
@@ -150,8 +153,11 @@ def plan(config: Config, path: str) -> str:
         for k, v in (("requests/min", j.requests_per_minute), ("tokens/min", j.tokens_per_minute))
         if v is not None
     )
-    where = {"vllm": f"GPU {','.join(map(str, j.gpu_ids))}", "openai": j.base_url or "OpenAI API",
-             "sim": "simulated"}[j.backend]
+    where = {
+        "vllm": f"GPU {','.join(map(str, j.gpu_ids))}",
+        "openai": j.base_url or "OpenAI API",
+        "sim": "simulated",
+    }[j.backend]
     lines.append(
         f"judge: {j.backend} {j.model} on {where}; aspects {', '.join(j.aspect_list)}; "
         f"max_tokens {j.max_tokens}, temperature {j.temperature}; "
@@ -168,9 +174,8 @@ def _run_blocking(args: argparse.Namespace) -> int:
     return anyio.run(_run, args, backend="asyncio", backend_options=backend_options)
 
 
-async def _run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    check_environment(config, args.config)
+def _prepare(args: argparse.Namespace, config: Config) -> tuple[str, str, set[str]]:
+    """Output and failures paths, and the ids a resumed run skips (repairing a torn line)."""
     out = args.output or config.output.path
     failures_path = config.output.failures
     if args.output and args.output != "-":
@@ -183,6 +188,13 @@ async def _run(args: argparse.Namespace) -> int:
         log.info("resuming: %d prompts already in %s will be skipped", len(skip), out)
     if os.path.exists(failures_path):
         os.truncate(failures_path, 0)
+    return out, failures_path, skip
+
+
+async def _run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    check_environment(config, args.config)
+    out, failures_path, skip = _prepare(args, config)
     source = await open_source(config.source)
 
     started = time.monotonic()
@@ -196,8 +208,9 @@ async def _run(args: argparse.Namespace) -> int:
             async for signum in signals:
                 if interrupted or pipeline is None:
                     if interrupted:
-                        log.warning("second %s: cancelling requests in flight",
-                                    signal.Signals(signum).name)
+                        log.warning(
+                            "second %s: cancelling requests in flight", signal.Signals(signum).name
+                        )
                     interrupted = True
                     run_scope.cancel()
                     return
@@ -214,9 +227,12 @@ async def _run(args: argparse.Namespace) -> int:
         async with anyio.create_task_group() as tg:
             with anyio.CancelScope() as run_scope:
                 tg.start_soon(watch_signals, run_scope)
-                async with Pipeline(
-                    config, skip_ids=skip, limit=args.limit, failures_path=failures_path
-                ) as pipeline, NdjsonWriter(out) as writer:
+                async with (
+                    Pipeline(
+                        config, skip_ids=skip, limit=args.limit, failures_path=failures_path
+                    ) as pipeline,
+                    NdjsonWriter(out) as writer,
+                ):
                     await drain(pipeline.run(source), writer)
             tg.cancel_scope.cancel()
     except (EngineUnavailable, JudgeUnavailable) as exc:
@@ -253,17 +269,26 @@ def _summary(pipeline: Pipeline, config: Config, out: str, failures: str, wall: 
         judge_tokens = f", {prompt_tokens} prompt + {completion_tokens} completion tokens"
         rater = config.rater
         if rater.input_cost_per_mtok is not None or rater.output_cost_per_mtok is not None:
-            cost = (prompt_tokens * (rater.input_cost_per_mtok or 0.0)
-                    + completion_tokens * (rater.output_cost_per_mtok or 0.0)) / 1e6
+            cost = (
+                prompt_tokens * (rater.input_cost_per_mtok or 0.0)
+                + completion_tokens * (rater.output_cost_per_mtok or 0.0)
+            ) / 1e6
             judge_tokens += f", est. cost ${cost:.2f}"
     rate = s.records / wall if wall > 0 else 0.0
     log.info(
         "done: %d records in %.1fs (%.1f/s), %d skipped (already in output), %d failed%s, "
         "%d duplicates dropped; %d generated tokens; judge: %d requests (%d re-asks), "
         "%d null ratings%s",
-        s.records, wall, rate, s.skipped, s.failures,
-        f" (see {failures})" if s.failures else "", s.duplicates, s.generation_tokens,
-        s.judge_requests, s.judge_reasks, s.null_ratings, judge_tokens,
+        s.records,
+        wall,
+        rate,
+        s.skipped,
+        s.failures,
+        f" (see {failures})" if s.failures else "",
+        s.duplicates,
+        s.generation_tokens,
+        s.judge_requests,
+        s.judge_reasks,
+        s.null_ratings,
+        judge_tokens,
     )
-
-

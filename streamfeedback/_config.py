@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -31,7 +30,9 @@ __all__ = [
 ]
 
 Backend = Literal["vllm", "openai", "sim"]
-Aspect = Literal["helpfulness", "honesty", "instruction-following", "truthfulness", "overall-rating"]
+Aspect = Literal[
+    "helpfulness", "honesty", "instruction-following", "truthfulness", "overall-rating"
+]
 ASPECTS: tuple[str, ...] = (
     "helpfulness",
     "honesty",
@@ -45,7 +46,7 @@ class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Base of every section: unknown keys are errors, so typos never pass silently."""
 
 
-class SourceConfig(_Section):
+class SourceConfig(_Section, frozen=True, kw_only=True):
     """Where prompts come from: a file (`path`) or a `datasets` dataset (`dataset`)."""
 
     path: str | None = None
@@ -61,7 +62,7 @@ class SourceConfig(_Section):
             raise ValueError("set exactly one of `path` and `dataset`")
 
 
-class RoutingConfig(_Section):
+class RoutingConfig(_Section, frozen=True, kw_only=True):
     """How prompts are spread over the pool: `n` models per batch of `batch_size` prompts."""
 
     n: int = 3
@@ -75,7 +76,7 @@ class RoutingConfig(_Section):
             raise ValueError("`batch_size` must be at least 1")
 
 
-class EngineConfig(_Section):
+class EngineConfig(_Section, frozen=True, kw_only=True):
     """Keys shared by generators and the rater: the backend and how to reach and drive it."""
 
     backend: Backend
@@ -143,7 +144,7 @@ class EngineConfig(_Section):
         return 256
 
 
-class GeneratorConfig(EngineConfig):
+class GeneratorConfig(EngineConfig, frozen=True, kw_only=True):
     """One model of the pool. `name` is what records call it (defaults to `model`)."""
 
     name: str | None = None
@@ -154,7 +155,7 @@ class GeneratorConfig(EngineConfig):
         return self.name or self.model
 
 
-class RaterConfig(EngineConfig):
+class RaterConfig(EngineConfig, frozen=True, kw_only=True):
     """The judge: an engine plus the UltraFeedback aspect(s) it rates."""
 
     max_tokens: int = 2048
@@ -178,14 +179,14 @@ class RaterConfig(EngineConfig):
         return list(self.aspects) if self.aspects else [self.aspect]
 
 
-class OutputConfig(_Section):
+class OutputConfig(_Section, frozen=True, kw_only=True):
     """Where records and failures go. `path = "-"` is stdout."""
 
     path: str = "-"
     failures: str = "failures.ndjson"
 
 
-class PipelineConfig(_Section):
+class PipelineConfig(_Section, frozen=True, kw_only=True):
     """Tuning: channel bounds and the shutdown deadline."""
 
     buffer: int = 64
@@ -196,7 +197,7 @@ class PipelineConfig(_Section):
             raise ValueError("`buffer` must be at least 1")
 
 
-class Config(_Section):
+class Config(_Section, frozen=True, kw_only=True):
     """The whole run. Build it with `load_config` (or `msgspec.convert` in code)."""
 
     source: SourceConfig
@@ -236,12 +237,13 @@ def check_config(config: Config, origin: str = "<config>") -> None:
     """
     if not config.generators:
         raise ConfigError(origin, "generators", "the pool is empty: add [[generators]] tables")
-    names = Counter(g.label for g in config.generators)
+    names: set[str] = set()
     for i, g in enumerate(config.generators):
-        if names[g.label] > 1:
+        if g.label in names:
             raise ConfigError(
                 origin, f"generators[{i}].name", f"two generators are named {g.label!r}"
             )
+        names.add(g.label)
     if config.routing.n > len(config.generators):
         raise ConfigError(
             origin,
@@ -298,6 +300,7 @@ def api_key_env(engine: EngineConfig) -> str | None:
 
 _PATH_SUFFIX = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`$")
+_MISSING_FIELD = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
 
 
 def _split_validation_error(text: str) -> tuple[str | None, str]:
@@ -310,6 +313,11 @@ def _split_validation_error(text: str) -> tuple[str | None, str]:
         field = unknown["field"]
         path = f"{path}.{field}" if path else field
         message = f"unknown key {field!r}"
+    missing = _MISSING_FIELD.match(message)
+    if missing:
+        field = missing["field"]
+        path = f"{path}.{field}" if path else field
+        message = "required key is missing"
     return (path or None), message
 
 

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import sys
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable, Mapping
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -47,7 +48,7 @@ if sys.version_info < (3, 11):
 
 log = logging.getLogger("streamfeedback")
 
-PromptInput = Prompt | str | Mapping[str, Any]
+PromptInput = Prompt | SourceProblem | str | Mapping[str, Any]
 
 
 class PipelineStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -190,6 +191,8 @@ class Pipeline:
             except BaseExceptionGroup as group:
                 raise _unwrap(group) from None
         finally:
+            if self._records is not None:
+                self._records_rx.close()
             await self._close_engines()
 
     def run(
@@ -208,9 +211,9 @@ class Pipeline:
         tg = self._tg
 
         prompts_tx, prompts_rx = anyio.create_memory_object_stream[Prompt](size)
-        results_tx, results_rx = anyio.create_memory_object_stream[
-            Generation | GenerationFailure
-        ](size)
+        results_tx, results_rx = anyio.create_memory_object_stream[Generation | GenerationFailure](
+            size
+        )
         joined_tx, joined_rx = anyio.create_memory_object_stream[Joined](size)
         records_tx, records_rx = anyio.create_memory_object_stream[Record](size)
         failures_tx, failures_rx = anyio.create_memory_object_stream[Failure](size)
@@ -222,14 +225,20 @@ class Pipeline:
             queues_tx[name] = queue_tx
             gen_config = self._generator_configs[name]
             tg.start_soon(
-                lambda e=engine, q=queue_rx, c=gen_config, r=results_tx.clone(): generation.run(
-                    e, q, r, config=c, concurrency=c.concurrency
+                partial(
+                    generation.run,
+                    engine,
+                    queue_rx,
+                    results_tx.clone(),
+                    config=gen_config,
+                    concurrency=gen_config.concurrency,
                 ),
                 name=f"generation-{name}",
             )
         results_tx.close()
         tg.start_soon(
-            lambda: routing.run(
+            partial(
+                routing.run,
                 prompts_rx,
                 queues_tx,
                 n=cfg.routing.n,
@@ -240,11 +249,12 @@ class Pipeline:
         )
         tg.start_soon(gather.run, results_rx, joined_tx, failures_tx.clone(), name="gather")
         tg.start_soon(
-            lambda f=failures_tx.clone(): rating.run(
+            partial(
+                rating.run,
                 self.judge,
                 joined_rx,
                 records_tx,
-                f,
+                failures_tx.clone(),
                 concurrency=cfg.rater.concurrency,
             ),
             name="rating",
@@ -285,8 +295,9 @@ class Pipeline:
 
     async def _close_engines(self) -> None:
         engines, self._started_engines = self._started_engines, []
-        with anyio.CancelScope(shield=True), anyio.move_on_after(
-            max(5.0, self.config.pipeline.drain_timeout)
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(max(5.0, self.config.pipeline.drain_timeout)),
         ):
             async with anyio.create_task_group() as tg:
                 for engine in engines:
@@ -305,6 +316,7 @@ class Pipeline:
                 items = await self._open(prompts)
                 try:
                     async for item in items:
+                        await anyio.lowlevel.checkpoint_if_cancelled()
                         if isinstance(item, SourceProblem):
                             where = f"{item.path}:{item.line}" if item.line else item.path
                             log.warning("skipping bad input at %s: %s", where, item.error)
@@ -332,8 +344,15 @@ class Pipeline:
                         if item.id in self.skip_ids:
                             self._skipped += 1
                             continue
+                        # Shielded: a prompt taken from the source is handed on whole, so
+                        # stop_intake never loses one; if the run is torn down instead, the
+                        # receiver closes and the send ends with BrokenResourceError.
+                        with anyio.CancelScope(shield=True):
+                            try:
+                                await out.send(msgspec.structs.replace(item, index=ordinal))
+                            except anyio.BrokenResourceError:
+                                return
                         self._read += 1
-                        await out.send(msgspec.structs.replace(item, index=ordinal))
                 finally:
                     closer = getattr(items, "aclose", None)
                     if closer is not None:
@@ -386,7 +405,7 @@ async def _normalize(
 
     async for item in items():
         line += 1
-        if isinstance(item, Prompt):
+        if isinstance(item, (Prompt, SourceProblem)):
             yield item
             continue
         if isinstance(item, str):
@@ -397,9 +416,7 @@ async def _normalize(
                 yield SourceProblem(path="<prompts>", line=line, error=f"no text in {column!r}")
                 continue
             text = raw
-            pid = None if id_column is None or item.get(id_column) is None else str(
-                item[id_column]
-            )
+            pid = None if id_column is None or item.get(id_column) is None else str(item[id_column])
         if not text.strip():
             yield SourceProblem(path="<prompts>", line=line, error="empty prompt", id=pid)
             continue
@@ -416,12 +433,10 @@ async def _close_quietly(engine: Engine) -> None:
 def _unwrap(exc: BaseException) -> BaseException:
     """The one meaningful error of a task-group failure, so callers can catch it plainly."""
     while isinstance(exc, BaseExceptionGroup):
-        errors = [e for e in exc.exceptions if not isinstance(e, anyio.get_cancelled_exc_class())]
+        cancelled = anyio.get_cancelled_exc_class()
+        errors: list[BaseException] = [e for e in exc.exceptions if not isinstance(e, cancelled)]
         if len(errors) != 1:
             ours = [e for e in errors if isinstance(e, StreamFeedbackError)]
-            if len(ours) == 1:
-                return ours[0]
-            return exc
+            return ours[0] if len(ours) == 1 else exc
         exc = errors[0]
     return exc
-

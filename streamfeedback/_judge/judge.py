@@ -138,9 +138,7 @@ class Judge:
                 raise JudgeUnavailable(f"judge {self.label}: {exc}") from exc
             except EngineError as exc:
                 raise JudgeError(f"judge {self.label} ({aspect}): {exc}") from exc
-            parsed = parse_answer(
-                completion.text, n, typed=spec.typed, allows_na=spec.allows_na
-            )
+            parsed = parse_answer(completion.text, n, typed=spec.typed, allows_na=spec.allows_na)
             for k, block in enumerate(parsed):
                 if not _readable(shown[k]) and block is not None:
                     shown[k] = block
@@ -179,6 +177,7 @@ def fine_grained_scores(results: Sequence[AspectResult], n: int) -> list[float |
     scores: list[float | None] = []
     for i in range(n):
         values = [r.ratings[i] for r in results if r.ratings[i] is not None]
-        scores.append(round(sum(v for v in values if v is not None) / len(values), 4)
-                      if values else None)
+        scores.append(
+            round(sum(v for v in values if v is not None) / len(values), 4) if values else None
+        )
     return scores

@@ -11,16 +11,16 @@ from __future__ import annotations
 import os
 import sys
 from types import TracebackType
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 import aiofiles
 import anyio
 import msgspec
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .._exceptions import SinkError
 
-__all__ = ["NdjsonWriter", "drain", "read_done_ids"]
+__all__ = ["Batchable", "NdjsonWriter", "drain", "read_done_ids"]
 
 _encoder = msgspec.json.Encoder()
 
@@ -103,9 +103,15 @@ class NdjsonWriter:
             pass
 
 
-async def drain(
-    stream: MemoryObjectReceiveStream[Any], writer: NdjsonWriter, *, batch: int = 1024
-) -> int:
+class Batchable(Protocol):
+    """A receive stream that can also hand over what is already waiting."""
+
+    def __aiter__(self) -> AsyncIterator[Any]: ...
+
+    def receive_nowait(self) -> Any: ...
+
+
+async def drain(stream: Batchable, writer: NdjsonWriter, *, batch: int = 1024) -> int:
     """Write everything `stream` yields, batching what is already waiting. Returns lines written."""
     written = 0
     async for first in stream:

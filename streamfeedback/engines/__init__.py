@@ -6,9 +6,10 @@ from typing import Literal
 
 from .._config import EngineConfig
 from ._base import Engine, EngineStatistics
+from ._fake import FakeEngine
 from ._sim import SimEngine
 
-__all__ = ["Engine", "EngineStatistics", "SimEngine", "make_engine"]
+__all__ = ["Engine", "EngineStatistics", "FakeEngine", "SimEngine", "make_engine"]
 
 
 def make_engine(

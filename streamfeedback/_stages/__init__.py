@@ -1,0 +1,3 @@
+"""Pipeline stages, in data-flow order."""
+
+from __future__ import annotations

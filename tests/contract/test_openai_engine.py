@@ -1,0 +1,309 @@
+"""The real `openai` SDK against an OpenAI-compatible server on 127.0.0.1: the contract, the
+error mapping, the retries, and a limiter that never trips a strict server-side limit."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from streamfeedback import (
+    ChatRequest,
+    EngineBusy,
+    EngineError,
+    EngineRequestError,
+    EngineTimeout,
+    EngineUnavailable,
+    Message,
+)
+from streamfeedback._config import GeneratorConfig, RaterConfig
+from streamfeedback._ratelimit import RateLimiter
+from streamfeedback.engines import make_engine
+from streamfeedback.engines._openai import OpenAIEngine
+from streamfeedback.testing import (
+    Handler,
+    OpenAIServer,
+    Reply,
+    Request,
+    echo_handler,
+    judge_handler,
+    rate_limited,
+    rating_for,
+)
+
+from .engine_contract import check_engine
+
+SECRET = "sk-test-THIS-KEY-MUST-NEVER-LEAK-0123456789"
+
+
+def _config(base_url: str, **kw: Any) -> GeneratorConfig:
+    return msgspec.convert(
+        {"backend": "openai", "model": "echo-7b", "base_url": base_url, **kw}, GeneratorConfig
+    )
+
+
+def _request(i: int = 0, *, max_tokens: int = 16, text: str = "Say something.") -> ChatRequest:
+    return ChatRequest(id=f"r{i}", messages=[Message("user", text)], max_tokens=max_tokens)
+
+
+@asynccontextmanager
+async def _engine(
+    handler: Handler, *, limiter: RateLimiter | None = None, **kw: Any
+) -> AsyncIterator[tuple[OpenAIEngine, OpenAIServer]]:
+    async with OpenAIServer(handler) as server:
+        engine = OpenAIEngine(
+            "echo-7b", _config(server.base_url, **kw), limiter=limiter, backoff=0.005
+        )
+        try:
+            await engine.start()
+            yield engine, server
+        finally:
+            await engine.aclose()
+
+
+def _script(*replies: Reply, then: Handler | None = None) -> Callable[[Request], Reply]:
+    """Answer with `replies` in order, then like `then` (an echo generator by default)."""
+    queue = list(replies)
+    rest = then if then is not None else echo_handler()
+
+    def handler(request: Request) -> Reply:
+        if queue:
+            return queue.pop(0)
+        result = rest(request)
+        assert isinstance(result, Reply)
+        return result
+
+    return handler
+
+
+async def test_openai_engine_meets_the_contract() -> None:
+    async with OpenAIServer(echo_handler()) as server:
+        await check_engine(OpenAIEngine("echo-7b", _config(server.base_url)))
+        assert server.connections < len(server.requests), "connections must be kept alive"
+
+
+async def test_make_engine_builds_the_openai_engine() -> None:
+    async with OpenAIServer(echo_handler()) as server:
+        engine = make_engine("echo-7b", _config(server.base_url, max_concurrency=3))
+        assert isinstance(engine, OpenAIEngine)
+        assert engine.limiter.max_concurrency == 3
+        await check_engine(engine, concurrency=8)
+
+
+async def test_request_reaches_the_server_as_sent() -> None:
+    async with _engine(echo_handler()) as (engine, server):
+        request = ChatRequest(
+            id="r",
+            messages=[Message("system", "Be brief."), Message("user", "Hello")],
+            max_tokens=7,
+            temperature=0.3,
+            top_p=0.9,
+            seed=42,
+        )
+        completion = await engine.generate(request)
+        body = server.requests[-1].body
+        assert server.requests[-1].path == "/v1/chat/completions"
+        assert body["model"] == "echo-7b"
+        assert body["messages"] == [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hello"},
+        ]
+        assert (body["max_tokens"], body["temperature"], body["top_p"], body["seed"]) == (
+            7, 0.3, 0.9, 42,
+        )
+        assert server.requests[-1].headers["authorization"] == "Bearer EMPTY"
+        assert completion.completion_tokens == 7 and completion.finish_reason == "length"
+        stats = engine.statistics()
+        assert (stats.requests, stats.completions, stats.in_flight) == (1, 1, 0)
+        assert stats.completion_tokens == 7 and stats.prompt_tokens > 0
+        assert engine.limiter.statistics().tokens == completion.prompt_tokens + 7
+
+
+async def test_429_with_retry_after_is_honoured_then_succeeds() -> None:
+    handler = _script(Reply.failure(429, retry_after=0.2), Reply.failure(429, retry_after=0.2))
+    async with _engine(handler, max_retries=3) as (engine, server):
+        completion = await engine.generate(_request())
+        assert completion.text
+        times = [r.time for r in server.requests]
+        assert len(times) == 3
+        assert times[1] - times[0] >= 0.15 and times[2] - times[1] >= 0.15
+        stats = engine.statistics()
+        assert (stats.rate_limited, stats.retries, stats.failures) == (2, 2, 0)
+        assert engine.limiter.statistics().pauses == 2
+
+
+async def test_429_pauses_every_request_of_the_engine() -> None:
+    handler = _script(Reply.failure(429, retry_after=0.3))
+    async with _engine(handler, max_retries=2) as (engine, server):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.generate, _request(0))
+            await anyio.sleep(0.1)  # let the 429 arrive and pause the limiter
+            tg.start_soon(engine.generate, _request(1))
+        first = server.requests[0].time
+        assert all(r.time - first >= 0.25 for r in server.requests[1:])
+
+
+async def test_5xx_is_retried_then_succeeds() -> None:
+    handler = _script(Reply.failure(500), Reply.failure(503, "overloaded"))
+    async with _engine(handler, max_retries=2) as (engine, server):
+        assert (await engine.generate(_request())).text
+        assert [r.path for r in server.requests] == ["/v1/chat/completions"] * 3
+        assert engine.statistics().retries == 2
+
+
+async def test_persistent_500_fails_after_all_attempts() -> None:
+    async with _engine(lambda _: Reply.failure(500), max_retries=2) as (engine, server):
+        with pytest.raises(EngineError) as info:
+            await engine.generate(_request())
+        assert isinstance(info.value, EngineBusy) and info.value.status == 500
+        assert len(server.requests) == 3
+        assert engine.statistics().failures == 1
+
+
+async def test_401_is_unavailable_and_never_shows_the_key(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("SF_TEST_KEY", SECRET)
+    caplog.set_level(logging.DEBUG)
+
+    def refuse(request: Request) -> Reply:
+        # a careless server quoting the key back
+        return Reply.failure(401, f"Incorrect API key provided: {request.headers['authorization']}")
+
+    async with _engine(refuse, api_key_env="SF_TEST_KEY") as (engine, server):
+        with pytest.raises(EngineUnavailable) as info:
+            await engine.generate(_request())
+        assert server.requests[0].headers["authorization"] == f"Bearer {SECRET}"
+    message = str(info.value)
+    assert "401" in message and server.base_url in message and "echo-7b" in message
+    assert len(server.requests) == 1, "401 must not be retried"
+    for text in (message, caplog.text, repr(info.value.__cause__)):
+        assert SECRET not in text and SECRET[:12] not in text
+
+
+async def test_403_and_404_are_unavailable_without_retry() -> None:
+    for status in (403, 404):
+        async with _engine(lambda _, s=status: Reply.failure(s), max_retries=3) as (engine, srv):
+            with pytest.raises(EngineUnavailable, match=str(status)):
+                await engine.generate(_request())
+            assert len(srv.requests) == 1
+
+
+async def test_missing_key_variable_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SF_TEST_KEY", raising=False)
+    engine = OpenAIEngine("x", _config("http://127.0.0.1:9/v1", api_key_env="SF_TEST_KEY"))
+    with pytest.raises(EngineUnavailable, match="SF_TEST_KEY"):
+        await engine.start()
+    await engine.aclose()
+
+
+async def test_400_is_a_request_error_without_retry() -> None:
+    reply = Reply.failure(400, "This model's maximum context length is 4096 tokens.")
+    async with _engine(lambda _: reply, max_retries=3) as (engine, server):
+        with pytest.raises(EngineRequestError, match="maximum context length") as info:
+            await engine.generate(_request())
+        assert info.value.status == 400
+        assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}',
+        b'{"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": '
+        b'[{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", '
+        b'"content": null}}]}',
+        b"this is not json",
+        b'{"truncated": ',
+    ],
+)
+async def test_malformed_body_is_retried_then_an_engine_error(body: bytes) -> None:
+    async with _engine(_script(Reply(raw=body)), max_retries=1) as (engine, server):
+        assert (await engine.generate(_request())).text
+        assert len(server.requests) == 2
+    async with _engine(lambda _: Reply(raw=body), max_retries=1) as (engine, server):
+        with pytest.raises(EngineError, match="malformed") as info:
+            await engine.generate(_request())
+        assert type(info.value) is EngineError
+        assert len(server.requests) == 2
+
+
+async def test_slow_answer_times_out() -> None:
+    slow = Reply(text="late", delay=2.0)
+    async with _engine(lambda _: slow, timeout=0.2, max_retries=1) as (engine, server):
+        with anyio.fail_after(5):
+            with pytest.raises(EngineTimeout):
+                await engine.generate(_request())
+        assert len(server.requests) == 2
+        assert engine.statistics().in_flight == 0
+
+
+async def test_connection_refused_is_busy() -> None:
+    async with OpenAIServer(echo_handler()) as server:
+        url = server.base_url
+    engine = OpenAIEngine("x", _config(url, max_retries=1), backoff=0.005)
+    try:
+        with pytest.raises(EngineBusy, match="cannot reach"):
+            await engine.generate(_request())
+    finally:
+        await engine.aclose()
+
+
+async def test_stricter_provider_limit_is_adopted() -> None:
+    def answer(request: Request) -> Reply:
+        return Reply(text="ok", headers={"x-ratelimit-limit-requests": "120"})
+
+    async with _engine(answer, requests_per_minute=600) as (engine, _):
+        await engine.generate(_request())
+        assert engine.limiter.statistics().requests_per_minute == 120
+
+
+async def test_judge_rates_by_content_through_the_engine() -> None:
+    prompt = "Rate them.\n\nTexts:\n<text 1> quality=5 great\n<text 2> meh quality=2\n"
+    config = msgspec.convert(
+        {"backend": "openai", "model": "judge", "base_url": "http://127.0.0.1:9/v1"}, RaterConfig
+    )
+    async with OpenAIServer(judge_handler(untidy=0.0, broken=0.0)) as server:
+        engine = OpenAIEngine("judge", msgspec.structs.replace(config, base_url=server.base_url))
+        try:
+            answer = await engine.generate(_request(text=prompt, max_tokens=256))
+        finally:
+            await engine.aclose()
+    assert answer.text == (
+        "#### Output for Text 1\nRating: 5\nRationale: text 1 has 15 characters.\n\n"
+        "#### Output for Text 2\nRating: 2\nRationale: text 2 has 13 characters."
+    )
+    assert rating_for("meh quality=2") == 2
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {"use_uvloop": False})])
+async def test_a_burst_never_trips_a_strict_server_limit() -> None:
+    """30 requests at once against 1200/min enforced over 1 s windows (20 per window)."""
+    rpm, window, n = 1200.0, 1.0, 30
+    guard = rate_limited(echo_handler(), rpm, window=window)
+    armed = False
+
+    async def handler(request: Request) -> Reply:
+        return await guard(request) if armed else Reply(text="warm")
+
+    limiter = RateLimiter(max_concurrency=64, requests_per_minute=rpm, window=window)
+    async with _engine(handler, limiter=limiter, max_retries=0) as (engine, server):
+        await engine.generate(_request())  # the SDK's first call is slow (platform sniffing)
+        armed = True
+        with anyio.fail_after(15):
+            async with anyio.create_task_group() as tg:
+                for i in range(n):
+                    tg.start_soon(engine.generate, _request(i))
+    assert guard.rejected == 0 and server.status_counts[429] == 0
+    assert guard.accepted == n
+    starts = guard.starts
+    budget = int(rpm * window / 60)
+    gaps = [b - a for a, b in zip(starts, starts[budget:], strict=False)]
+    assert all(gap > window for gap in gaps)
+    # paced at (1 - headroom) of the limit, give or take a loaded machine
+    assert starts[-1] - starts[0] < 3 * n / (rpm / 60)

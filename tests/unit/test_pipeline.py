@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from streamfeedback import (
+    ChatRequest,
+    EngineRequestError,
+    EngineUnavailable,
+    Failure,
+    Pipeline,
+    Record,
+)
+from streamfeedback.engines import FakeEngine, SimEngine
+
+from ..helpers import POOL, sim_config
+
+
+def _prompts(count: int) -> list[dict[str, str]]:
+    return [{"id": f"p{i:04d}", "instruction": f"Question number {i}?"} for i in range(count)]
+
+
+async def _collect(pipeline: Pipeline, prompts: object) -> list[Record]:
+    with anyio.fail_after(20):
+        return [r async for r in pipeline.run(prompts)]  # type: ignore[arg-type]
+
+
+async def test_every_prompt_gets_one_record_from_three_distinct_models(tmp_path: Path) -> None:
+    config = sim_config(source={"path": "-", "id_column": "id"})
+    async with Pipeline(config, failures_path=str(tmp_path / "f.ndjson")) as pipeline:
+        records = await _collect(pipeline, _prompts(120))
+        stats = pipeline.statistics()
+    assert sorted(r.id for r in records) == [f"p{i:04d}" for i in range(120)]
+    used = set()
+    by_id = {r.id: r for r in records}
+    for r in records:
+        assert len(r.generations) == 3 and len(set(r.generation_models)) == 3
+        assert set(r.generation_models) <= set(POOL)
+        used.update(r.generation_models)
+        assert r.ultrafeedback_model == "judge-1" and r.simulated
+        # the sim judge rates a text by its content: alignment survives the whole pipeline
+        assert r.ratings == [1 + zlib.crc32(g.encode()) % 5 for g in r.generations]
+        assert all(
+            f"org/{m}" in g for m, g in zip(r.generation_models, r.generations, strict=False)
+        )
+    for i in range(0, 120, 2):
+        assert by_id[f"p{i:04d}"].generation_models == by_id[f"p{i + 1:04d}"].generation_models
+    assert used == set(POOL)
+    assert stats.records == 120 and stats.failures == 0 and stats.in_flight == 0
+    assert not (tmp_path / "f.ndjson").exists() or (tmp_path / "f.ndjson").read_bytes() == b""
+
+
+async def test_failed_generations_go_to_the_failures_file(tmp_path: Path) -> None:
+    config = sim_config(pool=["a", "b", "c"], n=3, batch_size=1)
+
+    def make(name: str) -> FakeEngine:
+        def answer(request: ChatRequest) -> str:
+            if name == "b" and "7" in request.messages[-1].content:
+                raise EngineRequestError(name, "context length exceeded")
+            return f"{name} says hi"
+
+        return FakeEngine(name, answer)
+
+    failures = tmp_path / "failures.ndjson"
+    engines = {n: make(n) for n in "abc"}
+    async with Pipeline(config, engines=engines, failures_path=str(failures)) as pipeline:
+        records = await _collect(pipeline, [f"prompt {i}" for i in range(20)])
+    failed = [
+        msgspec.json.decode(line, type=Failure) for line in failures.read_bytes().splitlines()
+    ]
+    assert {f.instruction for f in failed} == {"prompt 7", "prompt 17"}
+    assert all(f.stage == "generation" and "context length" in f.error for f in failed)
+    assert len(records) == 18
+    assert all(e.closed for e in engines.values())
+
+
+async def test_engines_start_in_parallel_and_close_on_failed_start() -> None:
+    config = sim_config()
+    started: list[str] = []
+
+    class Broken(FakeEngine):
+        async def start(self) -> None:
+            await anyio.sleep(0.05)
+            raise EngineUnavailable(self.name, "no GPU 3")
+
+    engines = {n: FakeEngine(n, lambda r: "x") for n in POOL}
+    engines["delta"] = Broken("delta", lambda r: "x")
+    with pytest.raises(EngineUnavailable, match="no GPU 3"):
+        async with Pipeline(config, engines=engines):
+            started.append("body")
+    assert started == []
+    assert all(e.closed for e in engines.values())
+
+
+async def test_breaking_out_early_cancels_the_run_and_closes_engines() -> None:
+    config = sim_config()
+    engines = {n: SimEngine(n, config.generators[i]) for i, n in enumerate(POOL)}
+    judge = SimEngine("j", config.rater, role="judge")
+    with anyio.fail_after(10):
+        async with Pipeline(config, engines=engines, judge_engine=judge) as pipeline:
+            async for _record in pipeline.run(_prompts(5000)):
+                break
+    assert all(e._closed for e in engines.values()) and judge._closed
+
+
+async def test_cancellation_from_outside_cleans_up() -> None:
+    config = sim_config(generator={"sim_ttft": 10.0})
+    engines = {n: SimEngine(n, config.generators[i]) for i, n in enumerate(POOL)}
+    with anyio.move_on_after(0.3) as scope:
+        async with Pipeline(config, engines=engines) as pipeline:
+            async for _ in pipeline.run(_prompts(100)):
+                pass
+    assert scope.cancelled_caught
+    assert all(e._closed for e in engines.values())
+
+
+async def test_a_slow_consumer_back_pressures_the_source() -> None:
+    config = sim_config(
+        generator={"max_concurrency": 2},
+        rater={"max_concurrency": 2},
+        pipeline={"buffer": 2},
+    )
+    pulled = 0
+
+    async def source() -> AsyncIterator[str]:
+        nonlocal pulled
+        for i in range(100_000):
+            pulled += 1
+            yield f"prompt {i}"
+
+    with anyio.fail_after(10):
+        async with Pipeline(config) as pipeline:
+            records = pipeline.run(source())
+            first = await records.receive()
+            await anyio.wait_all_tasks_blocked()
+            for _ in range(20):
+                await anyio.sleep(0.01)
+                await anyio.wait_all_tasks_blocked()
+            assert first.id
+            assert pulled < 150, f"the source ran ahead by {pulled} prompts"
+            pipeline.stop_intake()
+            rest = [r async for r in records]
+    assert len(rest) + 1 == pipeline.statistics().read
+
+
+async def test_stop_intake_finishes_what_is_in_flight() -> None:
+    config = sim_config(generator={"sim_ttft": 0.01})
+    async with Pipeline(config) as pipeline:
+        records = pipeline.run(_prompts(10_000))
+        got = [await records.receive() for _ in range(10)]
+        pipeline.stop_intake()
+        got += [r async for r in records]
+        stats = pipeline.statistics()
+    assert stats.read < 10_000
+    assert len(got) == stats.read == stats.records
+    assert len({r.id for r in got}) == len(got)
+
+
+async def test_skip_ids_limit_and_duplicates() -> None:
+    config = sim_config(source={"path": "-", "id_column": "id"})
+    prompts = _prompts(30) + [{"id": "p0003", "instruction": "again"}]
+    async with Pipeline(config, skip_ids={"p0001", "p0002"}, limit=10) as pipeline:
+        records = await _collect(pipeline, prompts)
+        stats = pipeline.statistics()
+    assert sorted(r.id for r in records) == [f"p{i:04d}" for i in range(10) if i not in (1, 2)]
+    assert stats.skipped == 2
+
+
+async def test_run_needs_the_context_manager_and_runs_once() -> None:
+    pipeline = Pipeline(sim_config())
+    with pytest.raises(RuntimeError, match="async with"):
+        pipeline.run([])
+    async with pipeline:
+        await _collect(pipeline, [])
+        with pytest.raises(RuntimeError, match="once"):
+            pipeline.run([])
