@@ -8,6 +8,7 @@ input, 130 interrupted before the end.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -49,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ._bench import main as bench_main
 
             return bench_main(args)
+        if args.command in _TOOLS:
+            return int(args.tool_main(args))
     except (ConfigError, SourceError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
@@ -92,7 +95,18 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--sim-slots", type=int, default=256)
     bench.add_argument("--sim-output-tokens", type=int, default=64)
     bench.add_argument("--batch-size", type=int, default=2)
+
+    for name in _TOOLS:
+        module = importlib.import_module(f"streamfeedback._tools.{name}")
+        tool = sub.add_parser(name, help=module.HELP, description=module.__doc__)
+        module.configure_parser(tool)
+        tool.set_defaults(tool_main=module.main)
     return parser
+
+
+# Commands that work on a run's output, each a module of `streamfeedback._tools` with
+# HELP, configure_parser(parser) and main(args) -> exit status.
+_TOOLS = ("export", "binarize", "report")
 
 
 class _StderrFormatter(logging.Formatter):

@@ -7,6 +7,8 @@ mutate what another stage still holds, and so the sink can encode without copyin
 
 from __future__ import annotations
 
+import hashlib
+
 import msgspec
 
 __all__ = [
@@ -21,7 +23,13 @@ __all__ = [
     "Message",
     "Prompt",
     "Record",
+    "stable_id",
 ]
+
+
+def stable_id(text: str) -> str:
+    """A prompt id derived from its text, so reruns agree on it without an id column."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class Prompt(msgspec.Struct, frozen=True, kw_only=True):
@@ -114,12 +122,15 @@ class AspectResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     types: list[list[int] | None] | None = None
     rationales_for_ratings: list[str | None] | None = None
     attempts: int = 1
+    shown_order: list[int] | None = None
 
 
 class Record(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One output line: a prompt, its responses and the judge's ratings, aligned by index.
 
     The first seven fields are the UltraFeedback columns (CONTRACT.md); the rest are extras.
+    `judge_order[k]` is the index (into `generations`) of the response the judge saw as
+    text k+1, present when the order was shuffled.
     """
 
     id: str
@@ -135,6 +146,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     aspects: dict[str, AspectResult] | None = None
     fine_grained_score: list[float | None] | None = None
     judge_attempts: int | None = None
+    judge_order: list[int] | None = None
     generation_tokens: list[int] | None = None
     finish_reasons: list[str | None] | None = None
     generation_latency_s: list[float] | None = None

@@ -92,6 +92,7 @@ class Judge:
             rationales_for_ratings=first.rationales_for_ratings,
             aspect=self.aspects[0],
             judge_attempts=max(r.attempts for r in results.values()),
+            judge_order=first.shown_order,
             generation_tokens=[g.completion_tokens for g in gens],
             finish_reasons=[g.finish_reason for g in gens],
             generation_latency_s=[round(g.latency_s, 4) for g in gens],
@@ -155,6 +156,7 @@ class Judge:
         for k, original in enumerate(order):
             blocks[original] = shown[k]
         ratings = [b.rating if b is not None else None for b in blocks]
+        shown_order = order if self.config.shuffle else None
         self._ratings += n
         self._null += sum(1 for b in blocks if not _readable(b))
         if spec.typed:
@@ -164,11 +166,13 @@ class Judge:
                 types=[b.types if b else None for b in blocks],
                 rationales_for_ratings=[b.rationale if b else None for b in blocks],
                 attempts=attempts,
+                shown_order=shown_order,
             )
         return AspectResult(
             ratings=ratings,
             rationales=[b.rationale if b else None for b in blocks],
             attempts=attempts,
+            shown_order=shown_order,
         )
 
 
