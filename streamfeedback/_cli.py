@@ -28,6 +28,7 @@ from ._exceptions import (
     SourceError,
     StreamFeedbackError,
 )
+from ._idset import IdSet
 from ._pipeline import Pipeline
 from ._stages.sink import NdjsonWriter, drain, read_done_ids
 from ._stages.source import open_source
@@ -188,13 +189,13 @@ def _run_blocking(args: argparse.Namespace) -> int:
     return anyio.run(_run, args, backend="asyncio", backend_options=backend_options)
 
 
-def _prepare(args: argparse.Namespace, config: Config) -> tuple[str, str, set[str]]:
+def _prepare(args: argparse.Namespace, config: Config) -> tuple[str, str, IdSet]:
     """Output and failures paths, and the ids a resumed run skips (repairing a torn line)."""
     out = args.output or config.output.path
     failures_path = config.output.failures
     if args.output and args.output != "-":
         failures_path = f"{args.output}.failures.ndjson"
-    skip: set[str] = set()
+    skip = IdSet()
     if out != "-" and args.resume and os.path.exists(out):
         skip, torn = read_done_ids(out)
         if torn:

@@ -11,7 +11,6 @@ slow judge back-pressures the source instead of filling memory.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable, Mapping
@@ -26,6 +25,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._config import Config, check_config, check_environment
 from ._exceptions import StreamFeedbackError
+from ._idset import IdSet
 from ._judge.judge import Judge
 from ._records import (
     Failure,
@@ -35,6 +35,7 @@ from ._records import (
     Joined,
     Prompt,
     Record,
+    stable_id,
 )
 from ._stages import gather, generation, rating, routing
 from ._stages.sink import NdjsonWriter
@@ -103,11 +104,6 @@ class RecordStream:
         return stats.open_send_streams == 0 and stats.current_buffer_used == 0
 
 
-def stable_id(text: str) -> str:
-    """A prompt id derived from its text, so reruns agree on it without an id column."""
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-
-
 class Pipeline:
     """Streams prompts through the generator pool and the judge; yields `Record`s.
 
@@ -127,7 +123,7 @@ class Pipeline:
         *,
         engines: Mapping[str, Engine] | None = None,
         judge_engine: Engine | None = None,
-        skip_ids: Collection[str] = (),
+        skip_ids: Collection[str] | IdSet = (),
         limit: int | None = None,
         failures_path: str | None = None,
     ) -> None:
@@ -149,7 +145,12 @@ class Pipeline:
         self.judge = Judge(
             self.judge_engine, config.rater, seed=config.routing.seed, simulated=simulated
         )
-        self.skip_ids = frozenset(skip_ids)
+        if not isinstance(skip_ids, IdSet):
+            table = IdSet(len(skip_ids))
+            for done in skip_ids:
+                table.add(done)
+            skip_ids = table
+        self.skip_ids = skip_ids
         self.limit = limit
         self.failures_path = failures_path or config.output.failures
         self._tg: TaskGroup | None = None
@@ -309,7 +310,7 @@ class Pipeline:
         out: MemoryObjectSendStream[Prompt],
         failures: MemoryObjectSendStream[Failure],
     ) -> None:
-        seen: set[str] = set()
+        seen = IdSet()
         ordinal = 0
         async with out, failures:
             with self._intake_scope:
@@ -329,7 +330,7 @@ class Pipeline:
                                 )
                             )
                             continue
-                        if item.id in seen:
+                        if not seen.add(item.id):
                             self._duplicates += 1
                             log.warning(
                                 "duplicate prompt id %r%s: kept the first",
@@ -337,7 +338,6 @@ class Pipeline:
                                 f" (line {item.line})" if item.line else "",
                             )
                             continue
-                        seen.add(item.id)
                         ordinal += 1
                         if self.limit is not None and ordinal > self.limit:
                             break

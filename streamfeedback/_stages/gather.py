@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .._channels import iterate, send
 from .._records import Failure, Generation, GenerationFailure, Joined
 
 __all__ = ["run"]
@@ -24,7 +25,7 @@ async def run(
     """Emit a `Joined` per complete prompt; closes both outputs at the end of `results`."""
     pending: dict[str, list[_Slot]] = {}
     async with results, joined, failures:
-        async for item in results:
+        async for item in iterate(results):
             key = item.prompt.id
             slots = pending.get(key)
             if slots is None:
@@ -35,9 +36,9 @@ async def run(
             del pending[key]
             done = [s for s in slots if isinstance(s, Generation)]
             if len(done) == len(slots):
-                await joined.send(Joined(prompt=item.prompt, generations=done))
+                await send(joined, Joined(prompt=item.prompt, generations=done))
             else:
-                await failures.send(_failure(slots))
+                await send(failures, _failure(slots))
         for slots in pending.values():
             await failures.send(_failure(slots, incomplete=True))
 

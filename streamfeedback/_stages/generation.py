@@ -12,6 +12,7 @@ import logging
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .._channels import iterate, send
 from .._config import GeneratorConfig
 from .._exceptions import EngineError, EngineUnavailable
 from .._records import ChatRequest, Generation, GenerationFailure, GenerationJob, Message
@@ -54,7 +55,7 @@ async def run(
     ) -> None:
         nonlocal unavailable_logged
         async with inbox, outbox:
-            async for job in inbox:
+            async for job in iterate(inbox):
                 request = build_request(job, config)
                 try:
                     completion = await engine.generate(request)
@@ -62,7 +63,8 @@ async def run(
                     if isinstance(exc, EngineUnavailable) and not unavailable_logged:
                         unavailable_logged = True
                         log.error("%s is unavailable; its prompts go to the failures file", exc)
-                    await outbox.send(
+                    await send(
+                        outbox,
                         GenerationFailure(
                             prompt=job.prompt,
                             models=job.models,
@@ -72,7 +74,8 @@ async def run(
                         )
                     )
                     continue
-                await outbox.send(
+                await send(
+                    outbox,
                     Generation(
                         prompt=job.prompt,
                         models=job.models,

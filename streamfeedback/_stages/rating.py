@@ -11,6 +11,7 @@ import logging
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .._channels import iterate, send
 from .._exceptions import JudgeError, JudgeUnavailable
 from .._judge.judge import Judge
 from .._records import Failure, Joined, Record
@@ -36,7 +37,7 @@ async def run(
         failed: MemoryObjectSendStream[Failure],
     ) -> None:
         async with inbox, outbox, failed:
-            async for item in inbox:
+            async for item in iterate(inbox):
                 try:
                     record = await judge.rate(item)
                 except JudgeUnavailable:
@@ -53,7 +54,7 @@ async def run(
                         )
                     )
                     continue
-                await outbox.send(record)
+                await send(outbox, record)
 
     async with joined, records, failures, anyio.create_task_group() as tg:
         for i in range(concurrency):

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .._channels import iterate, send
 from .._records import GenerationJob, Prompt
 
 __all__ = ["models_for_batch", "run"]
@@ -42,13 +43,13 @@ async def run(
     models: tuple[str, ...] = ()
     try:
         async with prompts:
-            async for prompt in prompts:
+            async for prompt in iterate(prompts):
                 batch = (prompt.index - 1) // batch_size
                 if batch != current_batch:
                     current_batch = batch
                     models = models_for_batch(pool, n=n, seed=seed, batch=batch)
                 for slot, model in enumerate(models):
-                    await queues[model].send(GenerationJob(prompt=prompt, models=models, slot=slot))
+                    await send(queues[model], GenerationJob(prompt=prompt, models=models, slot=slot))
     finally:
         for queue in queues.values():
             await queue.aclose()

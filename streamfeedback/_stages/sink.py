@@ -19,6 +19,7 @@ import anyio
 import msgspec
 
 from .._exceptions import SinkError
+from .._idset import IdSet
 
 __all__ = ["Batchable", "NdjsonWriter", "drain", "read_done_ids"]
 
@@ -126,14 +127,14 @@ async def drain(stream: Batchable, writer: NdjsonWriter, *, batch: int = 1024) -
     return written
 
 
-def read_done_ids(path: str, *, repair: bool = True) -> tuple[set[str], int]:
+def read_done_ids(path: str, *, repair: bool = True) -> tuple[IdSet, int]:
     """Ids already in an NDJSON output, and how many bytes of torn last line were cut.
 
     A crash mid-write can leave a last line without its newline; that line is not a record,
     so it is cut off (when `repair`) and its prompt will be redone. Lines that do not decode
     are left in place and not counted as done.
     """
-    ids: set[str] = set()
+    ids = IdSet()
     try:
         size = os.path.getsize(path)
     except FileNotFoundError:

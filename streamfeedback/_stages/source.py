@@ -14,7 +14,6 @@ exception is a `.json` file holding a JSON array, which is loaded whole.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import sys
 import threading
@@ -31,7 +30,7 @@ import msgspec
 
 from .._config import SourceConfig
 from .._exceptions import SourceError
-from .._records import Prompt
+from .._records import Prompt, stable_id
 
 __all__ = ["PromptSource", "SourceItem", "SourceProblem", "open_source"]
 
@@ -266,7 +265,7 @@ class _Rows:
         if not text.isascii() and not _is_utf8(text):
             return self.problem(line, "not valid UTF-8", row_id)
         if row_id is None:
-            row_id = hashlib.sha256(text.encode()).hexdigest()[:16]
+            row_id = stable_id(text)
         return Prompt(id=row_id, instruction=text, line=line)
 
     def problem(self, line: int | None, error: str, row_id: str | None = None) -> SourceProblem:

@@ -301,6 +301,8 @@ class VLLMEngine:
                         anyio.BrokenResourceError,
                     ):
                         pass
+                    except (ValueError, msgspec.DecodeError) as exc:
+                        self._die(f"garbled frame from the worker: {exc}")
                     finally:
                         eof.set()
 

@@ -212,6 +212,12 @@ class _Worker:
         if inspect.isawaitable(tokenizer):  # a coroutine in early V1 releases
             tokenizer = await tokenizer
         self.tokenizer = tokenizer
+        try:  # a model without a chat template would fail every request: fail the start
+            self.render([{"role": "user", "content": "Hello"}])
+        except Exception as exc:
+            raise RuntimeError(
+                f"the model's chat template does not work: {_describe(exc)}"
+            ) from exc
         configured = hello.engine_args.get("max_model_len")
         model_config = getattr(self.engine, "model_config", None)
         actual = getattr(model_config, "max_model_len", None)
@@ -275,8 +281,7 @@ class _Worker:
             except Exception:
                 logger.exception("engine shutdown failed")
 
-    def prompt_ids(self, request: ChatRequest) -> list[int]:
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    def render(self, messages: list[dict[str, str]]) -> list[int]:
         rendered = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True
         )
@@ -285,7 +290,13 @@ class _Worker:
     async def run(self, rid: int, request: ChatRequest) -> None:
         started = time.perf_counter()
         try:
-            ids = self.prompt_ids(request)
+            try:
+                ids = self.render(
+                    [{"role": m.role, "content": m.content} for m in request.messages]
+                )
+            except Exception as exc:  # e.g. "System role not supported": the request's fault
+                await self.send(Failed(id=rid, kind="request", message=_describe(exc)))
+                return
             max_tokens = request.max_tokens
             if self.max_model_len is not None:
                 if len(ids) + 1 > self.max_model_len:

@@ -59,6 +59,7 @@ def fake_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "BUILD_DELAY",
         "FAIL_START",
         "DIE_AFTER",
+        "DEAD_AFTER",
         "SYNC_TOKENIZER",
         "TEMPLATE_DICT",
     ):
@@ -332,6 +333,35 @@ async def test_worker_death_fails_in_flight_and_later_requests(
     await engine.aclose()
 
 
+async def test_a_dead_vllm_engine_takes_the_worker_down(
+    fake_log: Path, engine_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_VLLM_DELAY", "30")
+    monkeypatch.setenv("FAKE_VLLM_DEAD_AFTER", "3")
+    engine = engine_factory(_config())
+    await engine.start()
+    errors: list[BaseException] = []
+
+    async def one(i: int) -> None:
+        try:
+            await engine.generate(_request(i))
+        except EngineError as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for i in range(2):
+                tg.start_soon(one, i)
+            await _wait_for_event(fake_log, "request", 2)
+            tg.start_soon(one, 2)
+    assert len(errors) == 3
+    for exc in errors:
+        assert isinstance(exc, EngineUnavailable)
+        assert "EngineDeadError" in str(exc) and "code 3" in str(exc)
+    assert _events(fake_log, "shutdown"), "the worker still shuts the engine down"
+    assert sorted(a["in_flight"] for a in _events(fake_log, "abort")) == [0, 1]
+
+
 async def test_prompt_too_long_fails_the_request_not_the_worker(
     fake_log: Path, engine_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -349,6 +379,10 @@ async def test_prompt_too_long_fails_the_request_not_the_worker(
         again = await engine.generate(_request(1, max_tokens=5))
         assert again.completion_tokens == 5 and again.finish_reason == "length"
         assert engine.statistics().failures == 1
+    odd = ChatRequest(id="odd", messages=[Message("narrator", "hi")], max_tokens=4)
+    with pytest.raises(EngineRequestError, match="roles"):
+        await known.generate(odd)
+    assert (await known.generate(_request(3, max_tokens=4))).completion_tokens == 4
     # max_tokens is capped to what fits in max_model_len, so vLLM never refuses it
     fits = await known.generate(_request(2, max_tokens=500, words=55))
     assert fits.completion_tokens == 64 - fits.prompt_tokens

@@ -14,6 +14,7 @@ Observable through environment variables, read when used:
     FAKE_VLLM_BUILD_DELAY  seconds `from_engine_args` takes (weights loading)
     FAKE_VLLM_FAIL_START   raise RuntimeError with this text from `from_engine_args`
     FAKE_VLLM_DIE_AFTER    os._exit(3) when the N-th request arrives (a crashed worker)
+    FAKE_VLLM_DEAD_AFTER   the N-th request raises EngineDeadError (vLLM's engine core died)
     FAKE_VLLM_SYNC_TOKENIZER  `get_tokenizer()` returns the tokenizer (newer vLLM) instead of
                            a coroutine (early V1)
     FAKE_VLLM_TEMPLATE_DICT  `apply_chat_template` returns {"input_ids": [...]} (transformers 5)
@@ -66,6 +67,10 @@ def log(event: str, **fields: Any) -> None:
 log("import", cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
+class EngineDeadError(Exception):
+    """As `vllm.v1.engine.exceptions.EngineDeadError`: the engine core process is gone."""
+
+
 @dataclasses.dataclass
 class AsyncEngineArgs:
     model: str
@@ -112,6 +117,9 @@ class _Tokenizer:
         add_generation_prompt: bool = False,
         tokenize: bool = True,
     ) -> Any:
+        for m in messages:  # like a Jinja template's raise_exception (a TemplateError)
+            if m["role"] not in {"system", "user", "assistant"}:
+                raise RuntimeError(f"Conversation roles must be system/user/assistant: {m['role']}")
         text = "".join(f"<|{m['role']}|>{m['content']}" for m in messages)
         if add_generation_prompt:
             text += "<|assistant|>"
@@ -180,6 +188,10 @@ class AsyncLLMEngine:
         if die_after and self.arrived >= die_after:
             log("die", arrived=self.arrived)
             os._exit(3)
+        dead_after = int(os.environ.get("FAKE_VLLM_DEAD_AFTER") or 0)
+        if dead_after and self.arrived >= dead_after:
+            self.errored = True
+            raise EngineDeadError("EngineCore encountered an issue. See stack trace for the cause.")
         limit = sampling_params.max_tokens or 16
         n_tokens = min(limit, NATURAL_LENGTH)
         finish = "length" if limit < NATURAL_LENGTH else "stop"
