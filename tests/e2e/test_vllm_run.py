@@ -1,0 +1,80 @@
+"""A whole `streamfeedback run` on six vllm generators, with the stand-in vllm package.
+
+The worker processes import `tests/fake_vllm/vllm`, which logs what each engine saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from ..helpers import decode_lines
+
+ROOT = Path(__file__).parents[2]
+FAKE = ROOT / "tests" / "fake_vllm"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_six_vllm_generators_on_six_gpus(tmp_path: Path) -> None:
+    with (tmp_path / "prompts.jsonl").open("w") as fh:
+        for i in range(240):
+            fh.write(json.dumps({"id": f"q{i}", "instruction": f"Question {i}?"}) + "\n")
+    gens = "".join(
+        f'[[generators]]\nname = "m{i}"\nbackend = "vllm"\nmodel = "org/m{i}"\ngpu = {i}\n'
+        f"max_tokens = {100 + i}\nmax_num_seqs = 64\n"
+        for i in range(6)
+    )
+    config = tmp_path / "run.toml"
+    config.write_text(
+        '[source]\npath = "prompts.jsonl"\nid_column = "id"\n[routing]\nn = 3\n'
+        f'{gens}[rater]\nbackend = "sim"\nmodel = "judge"\n'
+    )
+    log = tmp_path / "vllm.log"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(FAKE), os.environ.get("PYTHONPATH")])),
+        "FAKE_VLLM_LOG": str(log),
+        "FAKE_VLLM_DELAY": "0.3",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "streamfeedback", "run", str(config)],
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    records = decode_lines(result.stdout)
+    assert len(records) == 240
+    assert all(len(set(r.generation_models)) == 3 for r in records)
+
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    builds = [e for e in events if e["event"] == "build"]
+    assert [b["cuda_visible_devices"] for b in sorted(builds, key=lambda b: b["args"]["model"])] == [
+        str(i) for i in range(6)
+    ]
+    pid_of_model = {b["args"]["model"]: b["pid"] for b in builds}
+    assert len(set(pid_of_model.values())) == 6, "six engines in six processes"
+    max_tokens: dict[int, set[int]] = defaultdict(set)
+    peak: dict[int, int] = defaultdict(int)
+    for e in events:
+        if e["event"] == "request":
+            max_tokens[e["pid"]].add(e["max_tokens"])
+            peak[e["pid"]] = max(peak[e["pid"]], e["in_flight"])
+    for i in range(6):
+        pid = pid_of_model[f"org/m{i}"]
+        assert max_tokens[pid] == {100 + i}, "every request carries the configured max_tokens"
+        assert peak[pid] >= 24, f"engine {i} saw only {peak[pid]} requests in flight at once"
+    shutdowns = {e["pid"] for e in events if e["event"] == "shutdown"}
+    assert shutdowns == set(pid_of_model.values()), "every engine is shut down"
+    assert not any(_alive(pid) for pid in pid_of_model.values()), "no worker outlives the run"
