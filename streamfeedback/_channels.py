@@ -26,7 +26,7 @@ async def send(stream: MemoryObjectSendStream[T], item: T) -> None:
         await stream.send(item)
 
 
-class iterate(Generic[T]):  # noqa: N801 - used like a function: `async for x in iterate(rx)`
+class iterate(Generic[T]):  # used like a function: `async for x in iterate(rx)`
     """Like `async for item in stream`, without a loop trip per item already waiting.
 
     Each consumer awaits something per item (an engine, a send), so a busy stream cannot

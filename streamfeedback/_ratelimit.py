@@ -33,6 +33,9 @@ import msgspec
 __all__ = ["Lease", "RateLimiter", "RateLimiterStatistics"]
 
 _MIN_SLEEP = 0.001
+# waits overshoot by this much, so that after waiting exactly the delay the float arithmetic
+# of "has the entry left the window?" cannot come out an ulp short
+_EPSILON = 1e-6
 
 
 class RateLimiterStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -251,7 +254,7 @@ class RateLimiter:
             delay = max(delay, self._request_bucket.delay(now, 1.0))
         if self._token_bucket is not None:
             delay = max(delay, self._token_bucket.delay(now, float(tokens)))
-        return delay
+        return delay + _EPSILON if delay > 0 else 0.0
 
     def _start(self, now: float, tokens: int) -> Lease:
         entry = _Entry(now, tokens)

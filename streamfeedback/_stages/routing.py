@@ -49,7 +49,8 @@ async def run(
                     current_batch = batch
                     models = models_for_batch(pool, n=n, seed=seed, batch=batch)
                 for slot, model in enumerate(models):
-                    await send(queues[model], GenerationJob(prompt=prompt, models=models, slot=slot))
+                    job = GenerationJob(prompt=prompt, models=models, slot=slot)
+                    await send(queues[model], job)
     finally:
         for queue in queues.values():
             await queue.aclose()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
-from types import TracebackType
 from collections.abc import AsyncIterator
+from types import TracebackType
 from typing import Any, Protocol
 
 import aiofiles

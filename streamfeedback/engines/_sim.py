@@ -12,7 +12,6 @@ answers in the UltraFeedback output format, so the real parser runs on every sim
 from __future__ import annotations
 
 import contextlib
-import random
 import re
 import time
 import zlib
@@ -87,17 +86,17 @@ class SimLLMEngine:
         else:
             n_tokens, finish = self._length(request_id, sampling_params)
             text = self._response(prompt, n_tokens)
-        async with self._slots:
-            self.running += 1
-            self.peak_running = max(self.peak_running, self.running)
-            try:
-                delay = self.ttft + n_tokens * self.tpot
-                if delay > 0:
+        delay = self.ttft + n_tokens * self.tpot
+        if delay > 0:
+            async with self._slots:
+                self.running += 1
+                self.peak_running = max(self.peak_running, self.running)
+                try:
                     await anyio.sleep(delay)
-                else:
-                    await anyio.lowlevel.checkpoint()
-            finally:
-                self.running -= 1
+                finally:
+                    self.running -= 1
+        else:
+            await anyio.lowlevel.checkpoint()
         yield SimRequestOutput(
             request_id=request_id,
             prompt_token_ids=list(range(len(prompt.split()))),
@@ -106,18 +105,20 @@ class SimLLMEngine:
         )
 
     def _length(self, request_id: str, params: SimSamplingParams) -> tuple[int, str]:
-        rng = random.Random(zlib.crc32(f"{self.model}\0{request_id}\0{params.seed}".encode()))
-        wanted = max(1, round(self.output_tokens * rng.uniform(0.5, 1.5)))
+        """Output length: uniform in [0.5, 1.5] x `output_tokens`, fixed per request id."""
+        draw = zlib.crc32(f"{self.model}\0{request_id}\0{params.seed}".encode()) % 1001
+        wanted = max(1, round(self.output_tokens * (0.5 + draw / 1000)))
         if wanted >= params.max_tokens:
             return params.max_tokens, "length"
         return wanted, "stop"
 
     def _response(self, prompt: str, n_tokens: int) -> str:
-        seed = zlib.crc32(f"{self.model}\0{prompt}".encode())
-        head = f"[sim {self.model}]"
-        words = [_WORDS[(seed + i * 7) % len(_WORDS)] for i in range(max(0, n_tokens - 2))]
-        return " ".join([head, *words])
+        start = zlib.crc32(f"{self.model}\0{prompt}".encode()) % len(_WORDS)
+        words = _WORD_CYCLE[start : start + max(0, n_tokens - 2)]
+        return f"[sim {self.model}] {' '.join(words)}"
 
+
+_WORD_CYCLE = _WORDS * (1 + 65536 // len(_WORDS))
 
 _TEXT_MARK = re.compile(r"^<text (\d+)>[ \t]?", re.M)
 

@@ -114,7 +114,10 @@ async def test_request_reaches_the_server_as_sent() -> None:
             {"role": "user", "content": "Hello"},
         ]
         assert (body["max_tokens"], body["temperature"], body["top_p"], body["seed"]) == (
-            7, 0.3, 0.9, 42,
+            7,
+            0.3,
+            0.9,
+            42,
         )
         assert server.requests[-1].headers["authorization"] == "Bearer EMPTY"
         assert completion.completion_tokens == 7 and completion.finish_reason == "length"
@@ -125,27 +128,27 @@ async def test_request_reaches_the_server_as_sent() -> None:
 
 
 async def test_429_with_retry_after_is_honoured_then_succeeds() -> None:
-    handler = _script(Reply.failure(429, retry_after=0.2), Reply.failure(429, retry_after=0.2))
+    handler = _script(Reply.failure(429, retry_after=0.1), Reply.failure(429, retry_after=0.1))
     async with _engine(handler, max_retries=3) as (engine, server):
         completion = await engine.generate(_request())
         assert completion.text
         times = [r.time for r in server.requests]
         assert len(times) == 3
-        assert times[1] - times[0] >= 0.15 and times[2] - times[1] >= 0.15
+        assert times[1] - times[0] >= 0.09 and times[2] - times[1] >= 0.09
         stats = engine.statistics()
         assert (stats.rate_limited, stats.retries, stats.failures) == (2, 2, 0)
         assert engine.limiter.statistics().pauses == 2
 
 
 async def test_429_pauses_every_request_of_the_engine() -> None:
-    handler = _script(Reply.failure(429, retry_after=0.3))
+    handler = _script(Reply.failure(429, retry_after=0.2))
     async with _engine(handler, max_retries=2) as (engine, server):
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.generate, _request(0))
-            await anyio.sleep(0.1)  # let the 429 arrive and pause the limiter
+            await anyio.sleep(0.05)  # let the 429 arrive and pause the limiter
             tg.start_soon(engine.generate, _request(1))
         first = server.requests[0].time
-        assert all(r.time - first >= 0.25 for r in server.requests[1:])
+        assert all(r.time - first >= 0.18 for r in server.requests[1:])
 
 
 async def test_5xx_is_retried_then_succeeds() -> None:
@@ -186,12 +189,12 @@ async def test_401_is_unavailable_and_never_shows_the_key(
         assert SECRET not in text and SECRET[:12] not in text
 
 
-async def test_403_and_404_are_unavailable_without_retry() -> None:
-    for status in (403, 404):
-        async with _engine(lambda _, s=status: Reply.failure(s), max_retries=3) as (engine, srv):
-            with pytest.raises(EngineUnavailable, match=str(status)):
-                await engine.generate(_request())
-            assert len(srv.requests) == 1
+@pytest.mark.parametrize("status", [403, 404])
+async def test_403_and_404_are_unavailable_without_retry(status: int) -> None:
+    async with _engine(lambda _: Reply.failure(status), max_retries=3) as (engine, server):
+        with pytest.raises(EngineUnavailable, match=str(status)):
+            await engine.generate(_request())
+        assert len(server.requests) == 1
 
 
 async def test_missing_key_variable_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,7 +222,6 @@ async def test_400_is_a_request_error_without_retry() -> None:
         b'[{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", '
         b'"content": null}}]}',
         b"this is not json",
-        b'{"truncated": ',
     ],
 )
 async def test_malformed_body_is_retried_then_an_engine_error(body: bytes) -> None:
@@ -235,7 +237,7 @@ async def test_malformed_body_is_retried_then_an_engine_error(body: bytes) -> No
 
 async def test_slow_answer_times_out() -> None:
     slow = Reply(text="late", delay=2.0)
-    async with _engine(lambda _: slow, timeout=0.2, max_retries=1) as (engine, server):
+    async with _engine(lambda _: slow, timeout=0.1, max_retries=1) as (engine, server):
         with anyio.fail_after(5):
             with pytest.raises(EngineTimeout):
                 await engine.generate(_request())

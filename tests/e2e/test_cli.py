@@ -37,7 +37,9 @@ def sf(
     )
 
 
-def write_config(tmp_path: Path, prompts: int, *, ttft: float = 0.0, extra: str = "") -> Path:
+def write_config(
+    tmp_path: Path, prompts: int, *, ttft: float = 0.0, slots: int = 256, extra: str = ""
+) -> Path:
     with (tmp_path / "prompts.jsonl").open("w") as fh:
         for i in range(prompts):
             fh.write(json.dumps({"id": f"q{i:05d}", "instruction": f"Question {i}?"}) + "\n")
@@ -132,7 +134,7 @@ def test_stdin_source(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_ctrl_c_drains_in_flight_then_a_rerun_completes_exactly_once(tmp_path: Path) -> None:
-    config = write_config(tmp_path, 400, ttft=0.05)
+    config = write_config(tmp_path, 400, ttft=0.05, slots=4)
     out = tmp_path / "out.ndjson"
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(out)],

@@ -31,7 +31,7 @@ def _wait_for_lines(path: Path, lines: int, timeout: float = 60) -> None:
 
 
 def test_kill_9_then_rerun_leaves_every_prompt_exactly_once(tmp_path: Path) -> None:
-    config = write_config(tmp_path, 300, ttft=0.02)
+    config = write_config(tmp_path, 300, ttft=0.02, slots=4)
     out = tmp_path / "out.ndjson"
     for _ in range(2):
         proc = subprocess.Popen(
@@ -53,7 +53,7 @@ def test_kill_9_then_rerun_leaves_every_prompt_exactly_once(tmp_path: Path) -> N
 
 
 def test_sigterm_drains_like_ctrl_c(tmp_path: Path) -> None:
-    config = write_config(tmp_path, 300, ttft=0.05)
+    config = write_config(tmp_path, 300, ttft=0.05, slots=4)
     out = tmp_path / "out.ndjson"
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(out)],

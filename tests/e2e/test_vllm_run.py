@@ -60,9 +60,8 @@ def test_six_vllm_generators_on_six_gpus(tmp_path: Path) -> None:
 
     events = [json.loads(line) for line in log.read_text().splitlines()]
     builds = [e for e in events if e["event"] == "build"]
-    assert [b["cuda_visible_devices"] for b in sorted(builds, key=lambda b: b["args"]["model"])] == [
-        str(i) for i in range(6)
-    ]
+    by_model = sorted(builds, key=lambda b: b["args"]["model"])
+    assert [b["cuda_visible_devices"] for b in by_model] == [str(i) for i in range(6)]
     pid_of_model = {b["args"]["model"]: b["pid"] for b in builds}
     assert len(set(pid_of_model.values())) == 6, "six engines in six processes"
     max_tokens: dict[int, set[int]] = defaultdict(set)
@@ -74,7 +73,7 @@ def test_six_vllm_generators_on_six_gpus(tmp_path: Path) -> None:
     for i in range(6):
         pid = pid_of_model[f"org/m{i}"]
         assert max_tokens[pid] == {100 + i}, "every request carries the configured max_tokens"
-        assert peak[pid] >= 24, f"engine {i} saw only {peak[pid]} requests in flight at once"
+        assert peak[pid] >= 24, f"engine {i}: only {peak[pid]} in flight at once"
     shutdowns = {e["pid"] for e in events if e["event"] == "shutdown"}
     assert shutdowns == set(pid_of_model.values()), "every engine is shut down"
     assert not any(_alive(pid) for pid in pid_of_model.values()), "no worker outlives the run"
