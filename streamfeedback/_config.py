@@ -23,6 +23,7 @@ __all__ = [
     "GeneratorConfig",
     "OutputConfig",
     "PipelineConfig",
+    "PrinciplesConfig",
     "RaterConfig",
     "RoutingConfig",
     "SourceConfig",
@@ -179,6 +180,16 @@ class RaterConfig(EngineConfig, frozen=True, kw_only=True):
         return list(self.aspects) if self.aspects else [self.aspect]
 
 
+PrincipleName = Literal["helpfulness", "honesty", "truthfulness", "verbalized_calibration"]
+
+
+class PrinciplesConfig(_Section, frozen=True, kw_only=True):
+    """Per-completion system prompts drawn from principle sets (the paper's setting)."""
+
+    sets: list[PrincipleName] = []
+    seed: int = 0
+
+
 class OutputConfig(_Section, frozen=True, kw_only=True):
     """Where records and failures go. `path = "-"` is stdout."""
 
@@ -204,6 +215,7 @@ class Config(_Section, frozen=True, kw_only=True):
     generators: list[GeneratorConfig]
     rater: RaterConfig
     routing: RoutingConfig = RoutingConfig()
+    principles: PrinciplesConfig = PrinciplesConfig()
     output: OutputConfig = OutputConfig()
     pipeline: PipelineConfig = PipelineConfig()
 

@@ -233,6 +233,7 @@ class Pipeline:
                     results_tx.clone(),
                     config=gen_config,
                     concurrency=gen_config.concurrency,
+                    principles=cfg.principles,
                 ),
                 name=f"generation-{name}",
             )

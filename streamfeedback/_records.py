@@ -94,6 +94,7 @@ class Generation(msgspec.Struct, frozen=True, kw_only=True):
     prompt_tokens: int = 0
     finish_reason: str | None = None
     latency_s: float = 0.0
+    principle: str | None = None
 
 
 class GenerationFailure(msgspec.Struct, frozen=True, kw_only=True):
@@ -150,6 +151,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     generation_tokens: list[int] | None = None
     finish_reasons: list[str | None] | None = None
     generation_latency_s: list[float] | None = None
+    principles: list[str | None] | None = None
     simulated: bool = False
 
 

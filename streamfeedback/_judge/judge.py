@@ -96,6 +96,7 @@ class Judge:
             generation_tokens=[g.completion_tokens for g in gens],
             finish_reasons=[g.finish_reason for g in gens],
             generation_latency_s=[round(g.latency_s, 4) for g in gens],
+            principles=[g.principle for g in gens] if any(g.principle for g in gens) else None,
             simulated=self.simulated,
         )
         if len(self.aspects) > 1:

@@ -13,8 +13,9 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._channels import iterate, send
-from .._config import GeneratorConfig
+from .._config import GeneratorConfig, PrinciplesConfig
 from .._exceptions import EngineError, EngineUnavailable
+from .._principles import pick_principle
 from .._records import ChatRequest, Generation, GenerationFailure, GenerationJob, Message
 from ..engines import Engine
 
@@ -23,11 +24,14 @@ __all__ = ["build_request", "run"]
 log = logging.getLogger("streamfeedback.generation")
 
 
-def build_request(job: GenerationJob, config: GeneratorConfig) -> ChatRequest:
-    """The chat a generator is asked for one prompt: optional system prompt, then the user turn."""
+def build_request(
+    job: GenerationJob, config: GeneratorConfig, principle: str | None = None
+) -> ChatRequest:
+    """The chat a generator is asked for one prompt: system prompt(s), then the user turn."""
     messages = [Message("user", job.prompt.instruction)]
-    if config.system_prompt:
-        messages.insert(0, Message("system", config.system_prompt))
+    system = "\n\n".join(p for p in (config.system_prompt, principle) if p)
+    if system:
+        messages.insert(0, Message("system", system))
     return ChatRequest(
         id=f"{job.prompt.id}:{job.models[job.slot]}",
         messages=messages,
@@ -45,6 +49,7 @@ async def run(
     *,
     config: GeneratorConfig,
     concurrency: int,
+    principles: PrinciplesConfig | None = None,
 ) -> None:
     """Serve `jobs` with `concurrency` workers; closes `results` when every job is answered."""
     unavailable_logged = False
@@ -56,7 +61,15 @@ async def run(
         nonlocal unavailable_logged
         async with inbox, outbox:
             async for job in iterate(inbox):
-                request = build_request(job, config)
+                principle = wording = None
+                if principles is not None and principles.sets:
+                    principle, wording = pick_principle(
+                        principles.sets,
+                        seed=principles.seed,
+                        prompt_id=job.prompt.id,
+                        model=engine.name,
+                    )
+                request = build_request(job, config, wording)
                 try:
                     completion = await engine.generate(request)
                 except EngineError as exc:
@@ -71,7 +84,7 @@ async def run(
                             slot=job.slot,
                             model=engine.name,
                             error=f"{type(exc).__name__}: {exc}",
-                        )
+                        ),
                     )
                     continue
                 await send(
@@ -86,7 +99,8 @@ async def run(
                         prompt_tokens=completion.prompt_tokens,
                         finish_reason=completion.finish_reason,
                         latency_s=completion.latency_s,
-                    )
+                        principle=principle,
+                    ),
                 )
 
     async with jobs, results, anyio.create_task_group() as tg:

@@ -52,3 +52,24 @@ async def test_dispatch_is_continuous_up_to_the_concurrency_bound() -> None:
     request = engine.requests[0]
     assert request.max_tokens == 77
     assert [m.role for m in request.messages] == ["system", "user"]
+
+
+async def test_principles_add_a_seeded_system_prompt_and_are_recorded() -> None:
+    from streamfeedback import Pipeline
+    from streamfeedback._principles import PRINCIPLES
+
+    config = sim_config(principles={"sets": ["honesty", "verbalized_calibration"], "seed": 3})
+    runs = []
+    for _ in range(2):
+        engines = {g.label: FakeEngine(g.label, lambda r: "answer") for g in config.generators}
+        async with Pipeline(config, engines=engines) as pipeline:
+            runs.append([r async for r in pipeline.run([f"q{i}" for i in range(30)])])
+    first = {r.id: r.principles for r in runs[0]}
+    assert first == {r.id: r.principles for r in runs[1]}, "same seed, same principles"
+    used = {p for r in runs[0] for p in (r.principles or [])}
+    assert used == {"honesty", "verbalized_calibration"}
+    wordings = {w for name in used for w in PRINCIPLES[name]}
+    for engine in engines.values():
+        for request in engine.requests:
+            assert request.messages[0].role == "system"
+            assert request.messages[0].content in wordings
