@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 
 import anyio
 
@@ -30,6 +31,7 @@ from ._exceptions import (
 )
 from ._idset import IdSet
 from ._pipeline import Pipeline
+from ._progress import show_progress
 from ._stages.sink import NdjsonWriter, drain, read_done_ids
 from ._stages.source import open_source
 
@@ -78,6 +80,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-o", "--output", help="write records to PATH (appends; '-' is stdout)")
     run.add_argument("--limit", type=int, help="take only the first N prompts of the source")
     run.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress view on stderr (a live line on a terminal, else every 30 s)",
+    )
+    run.add_argument(
+        "--progress-every",
+        type=float,
+        metavar="SECONDS",
+        help="progress interval (default: 0.5 on a terminal, 30 otherwise)",
+    )
+    run.add_argument(
         "--no-resume",
         dest="resume",
         action="store_false",
@@ -111,8 +125,13 @@ _TOOLS = ("export", "binarize", "report")
 
 
 class _StderrFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        # on a terminal, clear the live progress line before a log line takes its place
+        self.prefix = "\r\x1b[K" if sys.stderr.isatty() else ""
+
     def format(self, record: logging.LogRecord) -> str:
-        return f"streamfeedback: {record.levelname.lower()}: {record.getMessage()}"
+        return f"{self.prefix}streamfeedback: {record.levelname.lower()}: {record.getMessage()}"
 
 
 def _setup_logging(level: int) -> None:
@@ -248,7 +267,15 @@ async def _run(args: argparse.Namespace) -> int:
                     ) as pipeline,
                     NdjsonWriter(out) as writer,
                 ):
-                    await drain(pipeline.run(source), writer)
+                    records = pipeline.run(source)
+                    if args.progress:
+                        total = None if args.limit is None else args.limit - len(skip)
+                        tg.start_soon(
+                            partial(
+                                show_progress, pipeline, total=total, interval=args.progress_every
+                            )
+                        )
+                    await drain(records, writer)
             tg.cancel_scope.cancel()
     except (EngineUnavailable, JudgeUnavailable) as exc:
         log.error("%s", exc)

@@ -25,6 +25,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._config import Config, check_config, check_environment
 from ._exceptions import StreamFeedbackError
+from ._gauges import EngineGauge
 from ._idset import IdSet
 from ._judge.judge import Judge
 from ._records import (
@@ -161,6 +162,8 @@ class Pipeline:
         self._records_out = self._failures_out = 0
         self._generation_tokens = 0
         self._pending_joins = 0
+        self.gauges = {name: EngineGauge(name) for name in self.engines}
+        self.generation_done = False
 
     async def __aenter__(self) -> Pipeline:
         check_environment(self.config)
@@ -234,6 +237,7 @@ class Pipeline:
                     config=gen_config,
                     concurrency=gen_config.concurrency,
                     principles=cfg.principles,
+                    gauge=self.gauges[name],
                 ),
                 name=f"generation-{name}",
             )

@@ -15,6 +15,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .._channels import iterate, send
 from .._config import GeneratorConfig, PrinciplesConfig
 from .._exceptions import EngineError, EngineUnavailable
+from .._gauges import EngineGauge
 from .._principles import pick_principle
 from .._records import ChatRequest, Generation, GenerationFailure, GenerationJob, Message
 from ..engines import Engine
@@ -50,9 +51,11 @@ async def run(
     config: GeneratorConfig,
     concurrency: int,
     principles: PrinciplesConfig | None = None,
+    gauge: EngineGauge | None = None,
 ) -> None:
     """Serve `jobs` with `concurrency` workers; closes `results` when every job is answered."""
     unavailable_logged = False
+    gauge = gauge or EngineGauge(engine.name)
 
     async def worker(
         inbox: MemoryObjectReceiveStream[GenerationJob],
@@ -70,9 +73,11 @@ async def run(
                         model=engine.name,
                     )
                 request = build_request(job, config, wording)
+                gauge.started()
                 try:
                     completion = await engine.generate(request)
                 except EngineError as exc:
+                    gauge.finished(failed=True)
                     if isinstance(exc, EngineUnavailable) and not unavailable_logged:
                         unavailable_logged = True
                         log.error("%s is unavailable; its prompts go to the failures file", exc)
@@ -87,6 +92,10 @@ async def run(
                         ),
                     )
                     continue
+                except BaseException:
+                    gauge.finished(failed=True)
+                    raise
+                gauge.finished(tokens=completion.completion_tokens)
                 await send(
                     outbox,
                     Generation(

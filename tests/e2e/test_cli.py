@@ -44,7 +44,8 @@ def write_config(
         for i in range(prompts):
             fh.write(json.dumps({"id": f"q{i:05d}", "instruction": f"Question {i}?"}) + "\n")
     gens = "".join(
-        f'[[generators]]\nname = "m{i}"\nbackend = "sim"\nmodel = "org/m{i}"\nsim_ttft = {ttft}\n'
+        f'[[generators]]\nname = "m{i}"\nbackend = "sim"\nmodel = "org/m{i}"\n'
+        f"sim_ttft = {ttft}\nsim_slots = {slots}\n"
         for i in range(6)
     )
     path = tmp_path / "run.toml"
@@ -134,7 +135,7 @@ def test_stdin_source(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_ctrl_c_drains_in_flight_then_a_rerun_completes_exactly_once(tmp_path: Path) -> None:
-    config = write_config(tmp_path, 400, ttft=0.05, slots=4)
+    config = write_config(tmp_path, 3000, ttft=0.01, slots=4)
     out = tmp_path / "out.ndjson"
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(out)],
@@ -153,12 +154,12 @@ def test_ctrl_c_drains_in_flight_then_a_rerun_completes_exactly_once(tmp_path: P
     data = out.read_bytes()
     assert data.endswith(b"\n")
     done = decode_lines(data)
-    assert 0 < len(done) < 400
+    assert 0 < len(done) < 3000
     rerun = sf("run", str(config), "-o", str(out))
     assert rerun.returncode == 0, rerun.stderr.decode()
     assert f"{len(done)} skipped".encode() in rerun.stderr
     ids = [r.id for r in decode_lines(out.read_bytes())]
-    assert sorted(ids) == [f"q{i:05d}" for i in range(400)]
+    assert sorted(ids) == [f"q{i:05d}" for i in range(3000)]
 
 
 def test_records_decode_with_the_contract_fields(tmp_path: Path) -> None:
@@ -177,3 +178,13 @@ def test_records_decode_with_the_contract_fields(tmp_path: Path) -> None:
             assert key in raw
         msgspec.json.decode(line, type=Record)
     assert len(result.stdout.splitlines()) == 4
+
+
+def test_progress_lines_go_to_stderr_when_it_is_not_a_terminal(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 60, ttft=0.05, slots=2)
+    result = sf("run", str(config), "--progress-every", "0.2")
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"progress: " in result.stderr and b"in flight m0:" in result.stderr
+    assert all(line.startswith(b"{") for line in result.stdout.splitlines())
+    quiet = sf("run", str(config), "--no-progress", "--progress-every", "0.2")
+    assert b"progress: " not in quiet.stderr
