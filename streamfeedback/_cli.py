@@ -30,7 +30,8 @@ from ._exceptions import (
     StreamFeedbackError,
 )
 from ._idset import IdSet
-from ._pipeline import Pipeline
+from ._pipeline import Mode, Pipeline
+from ._pricing import judge_cost
 from ._progress import show_progress
 from ._stages.sink import NdjsonWriter, drain, read_done_ids
 from ._stages.source import open_source
@@ -47,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return _validate(args.config)
-        if args.command == "run":
+        if args.command in ("run", "generate", "rate"):
             return _run_blocking(args)
         if args.command == "bench":
             from ._bench import main as bench_main
@@ -76,27 +77,39 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="run the pipeline; records to stdout (or -o)")
-    run.add_argument("config", help="the TOML config")
-    run.add_argument("-o", "--output", help="write records to PATH (appends; '-' is stdout)")
-    run.add_argument("--limit", type=int, help="take only the first N prompts of the source")
-    run.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        help="no progress view on stderr (a live line on a terminal, else every 30 s)",
+    generate = sub.add_parser(
+        "generate", help="generation only: spool the responses, rate them later with `rate`"
     )
-    run.add_argument(
-        "--progress-every",
-        type=float,
-        metavar="SECONDS",
-        help="progress interval (default: 0.5 on a terminal, 30 otherwise)",
+    rate = sub.add_parser("rate", help="rating only: rate what a spool holds; records out")
+    for cmd in (run, generate, rate):
+        cmd.add_argument("config", help="the TOML config")
+        cmd.add_argument(
+            "--no-progress",
+            dest="progress",
+            action="store_false",
+            help="no progress view on stderr (a live line on a terminal, else every 30 s)",
+        )
+        cmd.add_argument(
+            "--progress-every",
+            type=float,
+            metavar="SECONDS",
+            help="progress interval (default: 0.5 on a terminal, 30 otherwise)",
+        )
+        cmd.add_argument(
+            "--no-resume",
+            dest="resume",
+            action="store_false",
+            help="do not skip prompts already present in the output file (or the spool)",
+        )
+    for cmd in (run, rate):
+        cmd.add_argument("-o", "--output", help="write records to PATH (appends; '-' is stdout)")
+    for cmd in (run, generate):
+        cmd.add_argument("--limit", type=int, help="take only the first N prompts of the source")
+    run.add_argument("--spool", help="the spool file (default: beside a file output)")
+    generate.add_argument(
+        "--spool", help="the spool file (default: [spool] path, or beside the output file)"
     )
-    run.add_argument(
-        "--no-resume",
-        dest="resume",
-        action="store_false",
-        help="do not skip prompts already present in the output file",
-    )
+    rate.add_argument("--spool", required=True, help="the spool file to rate")
 
     validate = sub.add_parser("validate", help="check the config and print the plan")
     validate.add_argument("config", help="the TOML config")
@@ -208,28 +221,51 @@ def _run_blocking(args: argparse.Namespace) -> int:
     return anyio.run(_run, args, backend="asyncio", backend_options=backend_options)
 
 
-def _prepare(args: argparse.Namespace, config: Config) -> tuple[str, str, IdSet]:
-    """Output and failures paths, and the ids a resumed run skips (repairing a torn line)."""
-    out = args.output or config.output.path
+def _prepare(args: argparse.Namespace, config: Config) -> tuple[str, str, str | None, IdSet]:
+    """Output, failures and spool paths, and the ids already in the output (a resumed run
+    skips them); repairs a torn last line left by a crash.
+
+    :raises ConfigError: `generate` with nowhere to spool.
+    """
+    out = getattr(args, "output", None) or config.output.path
+    if args.command == "generate":
+        out = "-"
     failures_path = config.output.failures
-    if args.output and args.output != "-":
+    if getattr(args, "output", None) and args.output != "-":
         failures_path = f"{args.output}.failures.ndjson"
+    spool = args.spool or config.spool.path
+    if spool is None and config.output.path != "-" and args.command == "generate":
+        spool = f"{config.output.path}.spool.ndjson"
+    if spool is None and out != "-":
+        spool = f"{out}.spool.ndjson"
+    if spool is None and args.command == "generate":
+        raise ConfigError(args.config, "spool.path", "generate needs a spool: pass --spool FILE")
     skip = IdSet()
     if out != "-" and args.resume and os.path.exists(out):
         skip, torn = read_done_ids(out)
         if torn:
             log.warning("%s: cut a torn last line (%d bytes) left by an interrupted run", out, torn)
         log.info("resuming: %d prompts already in %s will be skipped", len(skip), out)
+    if spool is not None and not args.resume and args.command != "rate":
+        if os.path.exists(spool) and os.path.getsize(spool):
+            raise ConfigError(
+                args.config,
+                "spool.path",
+                f"--no-resume would generate again what {spool} holds: move it away first",
+            )
     if os.path.exists(failures_path):
         os.truncate(failures_path, 0)
-    return out, failures_path, skip
+    return out, failures_path, spool, skip
 
 
 async def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     check_environment(config, args.config)
-    out, failures_path, skip = _prepare(args, config)
-    source = await open_source(config.source)
+    out, failures_path, spool, skip = _prepare(args, config)
+    mode: Mode = (
+        "generate" if args.command == "generate" else "rate" if args.command == "rate" else "run"
+    )
+    source = await open_source(config.source) if mode != "rate" else None
 
     started = time.monotonic()
     interrupted = False
@@ -263,13 +299,19 @@ async def _run(args: argparse.Namespace) -> int:
                 tg.start_soon(watch_signals, run_scope)
                 async with (
                     Pipeline(
-                        config, skip_ids=skip, limit=args.limit, failures_path=failures_path
+                        config,
+                        skip_ids=skip,
+                        limit=getattr(args, "limit", None),
+                        failures_path=failures_path,
+                        spool_path=spool,
+                        mode=mode,
                     ) as pipeline,
                     NdjsonWriter(out) as writer,
                 ):
                     records = pipeline.run(source)
                     if args.progress:
-                        total = None if args.limit is None else args.limit - len(skip)
+                        limit = getattr(args, "limit", None)
+                        total = None if limit is None else limit - len(skip)
                         tg.start_soon(
                             partial(
                                 show_progress, pipeline, total=total, interval=args.progress_every
@@ -301,36 +343,37 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def _summary(pipeline: Pipeline, config: Config, out: str, failures: str, wall: float) -> None:
+    """The end-of-run summary on stderr: done, skipped, failed, tokens, judge use and cost."""
     s = pipeline.statistics()
-    judge_usage = getattr(pipeline.judge_engine, "statistics", None)
-    judge_tokens = ""
-    if judge_usage is not None:
-        usage = judge_usage()
+    judge = ""
+    stats = getattr(pipeline.judge_engine, "statistics", None)
+    if stats is not None:
+        usage = stats()
         prompt_tokens = getattr(usage, "prompt_tokens", 0)
         completion_tokens = getattr(usage, "completion_tokens", 0)
-        judge_tokens = f", {prompt_tokens} prompt + {completion_tokens} completion tokens"
-        rater = config.rater
-        if rater.input_cost_per_mtok is not None or rater.output_cost_per_mtok is not None:
-            cost = (
-                prompt_tokens * (rater.input_cost_per_mtok or 0.0)
-                + completion_tokens * (rater.output_cost_per_mtok or 0.0)
-            ) / 1e6
-            judge_tokens += f", est. cost ${cost:.2f}"
-    rate = s.records / wall if wall > 0 else 0.0
-    log.info(
-        "done: %d records in %.1fs (%.1f/s), %d skipped (already in output), %d failed%s, "
-        "%d duplicates dropped; %d generated tokens; judge: %d requests (%d re-asks), "
-        "%d null ratings%s",
-        s.records,
-        wall,
-        rate,
-        s.skipped,
-        s.failures,
-        f" (see {failures})" if s.failures else "",
-        s.duplicates,
-        s.generation_tokens,
-        s.judge_requests,
-        s.judge_reasks,
-        s.null_ratings,
-        judge_tokens,
+        judge = f", {prompt_tokens} prompt + {completion_tokens} completion tokens"
+        cost = judge_cost(config.rater, prompt_tokens, completion_tokens)
+        if cost is not None:
+            judge += f", est. cost ${cost:.2f}"
+    done = (
+        f"{s.spooled} prompts spooled"
+        if pipeline.mode == "generate"
+        else f"{s.records} records ({s.records / wall if wall > 0 else 0.0:.1f}/s)"
     )
+    parts = [
+        f"done in {wall:.1f}s: {done}",
+        f"{s.skipped} skipped (already done)",
+        f"{s.failures} failed" + (f" (see {failures})" if s.failures else ""),
+    ]
+    if s.duplicates:
+        parts.append(f"{s.duplicates} duplicate ids dropped")
+    if pipeline.mode != "rate":
+        parts.append(f"{s.generation_tokens} tokens generated")
+    if pipeline.spool is not None and pipeline.mode == "run":
+        parts.append(f"{s.spooled} spooled to {pipeline.spool.path}")
+    if pipeline.mode != "generate":
+        parts.append(
+            f"judge: {s.judge_requests} requests ({s.judge_reasks} re-asks), "
+            f"{s.null_ratings} null ratings{judge}"
+        )
+    log.info("%s", "; ".join(parts))

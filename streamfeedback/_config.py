@@ -27,6 +27,7 @@ __all__ = [
     "RaterConfig",
     "RoutingConfig",
     "SourceConfig",
+    "SpoolConfig",
     "load_config",
 ]
 
@@ -190,6 +191,21 @@ class PrinciplesConfig(_Section, frozen=True, kw_only=True):
     seed: int = 0
 
 
+class SpoolConfig(_Section, frozen=True, kw_only=True):
+    """The durable log of generations between gather and rating.
+
+    `path` defaults to `<output>.spool.ndjson` beside a file output; a stdout-only run has
+    no spool unless `path` is set. `cache` bounds the entries the judge may take from memory.
+    """
+
+    path: str | None = None
+    cache: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.cache < 0:
+            raise ValueError("`cache` must not be negative")
+
+
 class OutputConfig(_Section, frozen=True, kw_only=True):
     """Where records and failures go. `path = "-"` is stdout."""
 
@@ -216,6 +232,7 @@ class Config(_Section, frozen=True, kw_only=True):
     rater: RaterConfig
     routing: RoutingConfig = RoutingConfig()
     principles: PrinciplesConfig = PrinciplesConfig()
+    spool: SpoolConfig = SpoolConfig()
     output: OutputConfig = OutputConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
@@ -344,9 +361,10 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         source = msgspec.structs.replace(source, path=resolve(source.path))
     elif source.dataset is not None and (base / source.dataset).exists():
         source = msgspec.structs.replace(source, dataset=resolve(source.dataset))
+    spool = msgspec.structs.replace(config.spool, path=resolve(config.spool.path))
     output = msgspec.structs.replace(
         config.output,
         path=resolve(config.output.path) or "-",
         failures=resolve(config.output.failures) or "failures.ndjson",
     )
-    return msgspec.structs.replace(config, source=source, output=output)
+    return msgspec.structs.replace(config, source=source, output=output, spool=spool)

@@ -1,7 +1,7 @@
 """The pipeline: creates every channel, wires the stages, owns every task.
 
     source -> intake -> routing -> generation (one worker pool per engine) -> gather
-           -> rating (judge worker pool) -> records (to the caller)
+           [-> spool file -> spool reader] -> rating (judge worker pool) -> records
     intake, gather, rating -> failures -> failures file
 
 Every channel is a bounded anyio memory stream created here and nowhere else; each stage
@@ -16,19 +16,22 @@ import sys
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable, Mapping
 from functools import partial
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import anyio
+import anyio.to_thread
 import msgspec
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._config import Config, check_config, check_environment
-from ._exceptions import StreamFeedbackError
+from ._exceptions import EngineUnavailable, SourceError, StreamFeedbackError
 from ._gauges import EngineGauge
 from ._idset import IdSet
 from ._judge.judge import Judge
 from ._records import (
+    ChatRequest,
+    Completion,
     Failure,
     Generation,
     GenerationFailure,
@@ -41,9 +44,10 @@ from ._records import (
 from ._stages import gather, generation, rating, routing
 from ._stages.sink import NdjsonWriter
 from ._stages.source import SourceProblem, open_source
+from ._stages.spool import Spool, scan_spool
 from .engines import Engine, make_engine
 
-__all__ = ["Pipeline", "PipelineStatistics", "RecordStream"]
+__all__ = ["Mode", "Pipeline", "PipelineStatistics", "RecordStream"]
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -51,6 +55,7 @@ if sys.version_info < (3, 11):
 log = logging.getLogger("streamfeedback")
 
 PromptInput = Prompt | SourceProblem | str | Mapping[str, Any]
+Mode = Literal["run", "generate", "rate"]
 
 
 class PipelineStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -62,7 +67,7 @@ class PipelineStatistics(msgspec.Struct, frozen=True, kw_only=True):
     records: int
     failures: int
     in_flight: int
-    pending_joins: int
+    spooled: int
     generation_tokens: int
     judge_requests: int
     judge_reasks: int
@@ -116,6 +121,11 @@ class Pipeline:
     Entering starts every engine (in parallel); leaving stops them, also on error or
     cancellation. It runs in the caller's event loop. `engines` and `judge_engine` replace
     the engines the config names (tests, embedding with engines you already hold).
+
+    With a spool (`spool_path`, or `[spool] path`), every joined prompt is logged to it before
+    rating, and prompts already in it are rated, not generated again. `mode="generate"` stops
+    after the spool (no judge); `mode="rate"` rates what a spool holds (no generators).
+    `skip_ids` are prompts already in the output: neither generated nor rated.
     """
 
     def __init__(
@@ -127,24 +137,37 @@ class Pipeline:
         skip_ids: Collection[str] | IdSet = (),
         limit: int | None = None,
         failures_path: str | None = None,
+        spool_path: str | None = None,
+        mode: Mode = "run",
     ) -> None:
         check_config(config)
         self.config = config
+        self.mode = mode
+        self.spool_path = spool_path or config.spool.path
+        if mode != "run" and self.spool_path is None:
+            raise ValueError(f"mode {mode!r} needs a spool: pass spool_path or set [spool] path")
         self._generator_configs = {g.label: g for g in config.generators}
-        if engines is None:
-            engines = {g.label: make_engine(g.label, g) for g in config.generators}
-        missing = set(self._generator_configs) - set(engines)
-        if missing:
-            raise ValueError(f"no engine given for generators {sorted(missing)}")
-        self.engines: dict[str, Engine] = {name: engines[name] for name in self._generator_configs}
-        self.judge_engine = judge_engine or make_engine(
-            config.rater.model, config.rater, role="judge"
-        )
+        self.engines: dict[str, Engine] = {}
+        if mode != "rate":
+            if engines is None:
+                engines = {g.label: make_engine(g.label, g) for g in config.generators}
+            missing = set(self._generator_configs) - set(engines)
+            if missing:
+                raise ValueError(f"no engine given for generators {sorted(missing)}")
+            self.engines = {name: engines[name] for name in self._generator_configs}
+        self.judge_engine: Engine | None = None
+        if mode != "generate":
+            self.judge_engine = judge_engine or make_engine(
+                config.rater.model, config.rater, role="judge"
+            )
         simulated = config.rater.backend == "sim" or any(
             g.backend == "sim" for g in config.generators
         )
         self.judge = Judge(
-            self.judge_engine, config.rater, seed=config.routing.seed, simulated=simulated
+            self.judge_engine or _NO_JUDGE,
+            config.rater,
+            seed=config.routing.seed,
+            simulated=simulated,
         )
         if not isinstance(skip_ids, IdSet):
             table = IdSet(len(skip_ids))
@@ -152,6 +175,8 @@ class Pipeline:
                 table.add(done)
             skip_ids = table
         self.skip_ids = skip_ids
+        self.spooled_ids = IdSet()
+        self.spool: Spool | None = None
         self.limit = limit
         self.failures_path = failures_path or config.output.failures
         self._tg: TaskGroup | None = None
@@ -160,16 +185,19 @@ class Pipeline:
         self._started_engines: list[Engine] = []
         self._read = self._skipped = self._duplicates = 0
         self._records_out = self._failures_out = 0
-        self._generation_tokens = 0
-        self._pending_joins = 0
         self.gauges = {name: EngineGauge(name) for name in self.engines}
         self.generation_done = False
 
     async def __aenter__(self) -> Pipeline:
         check_environment(self.config)
+        if self.spool_path is not None:
+            await self._open_spool(self.spool_path)
+        wanted = [*self.engines.values()]
+        if self.judge_engine is not None:
+            wanted.append(self.judge_engine)
         try:
             async with anyio.create_task_group() as tg:
-                for engine in [*self.engines.values(), self.judge_engine]:
+                for engine in wanted:
                     tg.start_soon(self._start_engine, engine, name=f"start-{engine.name}")
         except BaseException as exc:
             await self._close_engines()
@@ -199,12 +227,30 @@ class Pipeline:
                 self._records_rx.close()
             await self._close_engines()
 
+    async def _open_spool(self, path: str) -> None:
+        if self.mode == "rate" and not await anyio.Path(path).exists():
+            raise SourceError(path, None, "no such spool file")
+        spooled, entries, torn = await anyio.to_thread.run_sync(scan_spool, path)
+        if torn:
+            log.warning(
+                "%s: cut a torn last line (%d bytes) left by an interrupted run", path, torn
+            )
+        self.spooled_ids = spooled
+        self.spool = Spool(path, cache=self.config.spool.cache, done=self.skip_ids)
+        if entries:
+            log.info(
+                "spool %s holds %d generated prompts; they will not be generated again",
+                path,
+                entries,
+            )
+
     def run(
         self, prompts: Iterable[PromptInput] | AsyncIterable[PromptInput] | None = None
     ) -> RecordStream:
         """Start the run over `prompts` (default: the config's source); returns its records.
 
         Records arrive as they are ready, not in source order. Call once per `Pipeline`.
+        In `generate` mode the stream ends with no records once everything is spooled.
         """
         if self._tg is None:
             raise RuntimeError("enter the pipeline first: `async with Pipeline(config) as p:`")
@@ -214,16 +260,54 @@ class Pipeline:
         size = cfg.pipeline.buffer
         tg = self._tg
 
+        records_tx, records_rx = anyio.create_memory_object_stream[Record](size)
+        failures_tx, failures_rx = anyio.create_memory_object_stream[Failure](size)
+        to_judge_tx, to_judge_rx = anyio.create_memory_object_stream[Joined](size)
+
+        if self.mode != "rate":
+            self._start_generation(tg, prompts, to_judge_tx, failures_tx)
+        else:
+            assert self.spool is not None
+            self.spool.finish()
+            tg.start_soon(self.spool.read, to_judge_tx, name="spool-reader")
+
+        if self.mode == "generate":
+            to_judge_rx.close()
+            records_tx.close()
+        else:
+            tg.start_soon(
+                partial(
+                    rating.run,
+                    self.judge,
+                    to_judge_rx,
+                    records_tx,
+                    failures_tx.clone(),
+                    concurrency=cfg.rater.concurrency,
+                ),
+                name="rating",
+            )
+        failures_tx.close()
+        tg.start_soon(self._write_failures, failures_rx, name="failures")
+        self._records = RecordStream(records_rx, self)
+        self._records_rx = records_rx
+        return self._records
+
+    def _start_generation(
+        self,
+        tg: TaskGroup,
+        prompts: Iterable[PromptInput] | AsyncIterable[PromptInput] | None,
+        to_judge: MemoryObjectSendStream[Joined],
+        failures: MemoryObjectSendStream[Failure],
+    ) -> None:
+        """Intake -> routing -> generation pools -> gather [-> spool], ending at `to_judge`."""
+        cfg = self.config
+        size = cfg.pipeline.buffer
         prompts_tx, prompts_rx = anyio.create_memory_object_stream[Prompt](size)
         results_tx, results_rx = anyio.create_memory_object_stream[Generation | GenerationFailure](
             size
         )
-        joined_tx, joined_rx = anyio.create_memory_object_stream[Joined](size)
-        records_tx, records_rx = anyio.create_memory_object_stream[Record](size)
-        failures_tx, failures_rx = anyio.create_memory_object_stream[Failure](size)
         queues_tx: dict[str, MemoryObjectSendStream[GenerationJob]] = {}
-
-        tg.start_soon(self._intake, prompts, prompts_tx, failures_tx.clone(), name="intake")
+        tg.start_soon(self._intake, prompts, prompts_tx, failures.clone(), name="intake")
         for name, engine in self.engines.items():
             queue_tx, queue_rx = anyio.create_memory_object_stream[GenerationJob](size)
             queues_tx[name] = queue_tx
@@ -253,23 +337,34 @@ class Pipeline:
             ),
             name="routing",
         )
-        tg.start_soon(gather.run, results_rx, joined_tx, failures_tx.clone(), name="gather")
-        tg.start_soon(
-            partial(
-                rating.run,
-                self.judge,
-                joined_rx,
-                records_tx,
-                failures_tx.clone(),
-                concurrency=cfg.rater.concurrency,
-            ),
-            name="rating",
-        )
-        failures_tx.close()
-        tg.start_soon(self._write_failures, failures_rx, name="failures")
-        self._records = RecordStream(records_rx, self)
-        self._records_rx = records_rx
-        return self._records
+        if self.spool is None:
+            tg.start_soon(self._gather, results_rx, to_judge, failures.clone(), name="gather")
+            return
+        spool_tx, spool_rx = anyio.create_memory_object_stream[Joined](size)
+        tg.start_soon(self._gather, results_rx, spool_tx, failures.clone(), name="gather")
+        tg.start_soon(self.spool.write, spool_rx, name="spool-writer")
+        if self.mode == "generate":
+            to_judge.close()
+        else:
+            tg.start_soon(self.spool.read, to_judge, name="spool-reader")
+
+    async def _gather(
+        self,
+        results: MemoryObjectReceiveStream[Generation | GenerationFailure],
+        joined: MemoryObjectSendStream[Joined],
+        failures: MemoryObjectSendStream[Failure],
+    ) -> None:
+        """Gather, then free the generators at once: rating may go on for a long time."""
+        await gather.run(results, joined, failures)
+        engines = list(self.engines.values())
+        self._started_engines = [e for e in self._started_engines if e not in engines]
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for engine in engines:
+                    tg.start_soon(_close_quietly, engine)
+        self.generation_done = True
+        if engines:
+            log.info("generation complete: %d engines stopped", len(engines))
 
     def stop_intake(self) -> None:
         """Take no new prompts; everything already in flight finishes and is emitted."""
@@ -284,8 +379,8 @@ class Pipeline:
             records=self._records_out,
             failures=self._failures_out,
             in_flight=self._read - self._records_out - self._failures_out,
-            pending_joins=self._pending_joins,
-            generation_tokens=self._generation_tokens,
+            spooled=self.spool.appended if self.spool is not None else 0,
+            generation_tokens=sum(g.tokens for g in self.gauges.values()),
             judge_requests=judge.requests,
             judge_reasks=judge.reasks,
             null_ratings=judge.null_ratings,
@@ -293,7 +388,6 @@ class Pipeline:
 
     def _count(self, record: Record) -> None:
         self._records_out += 1
-        self._generation_tokens += sum(record.generation_tokens or ())
 
     async def _start_engine(self, engine: Engine) -> None:
         self._started_engines.append(engine)
@@ -346,7 +440,7 @@ class Pipeline:
                         ordinal += 1
                         if self.limit is not None and ordinal > self.limit:
                             break
-                        if item.id in self.skip_ids:
+                        if item.id in self.skip_ids or item.id in self.spooled_ids:
                             self._skipped += 1
                             continue
                         # Shielded: a prompt taken from the source is handed on whole, so
@@ -426,6 +520,24 @@ async def _normalize(
             yield SourceProblem(path="<prompts>", line=line, error="empty prompt", id=pid)
             continue
         yield Prompt(id=pid or stable_id(text), instruction=text, line=line)
+
+
+class _NoJudge:
+    """The judge engine of a generate-only run: never asked."""
+
+    name = "no-judge"
+
+    async def start(self) -> None:
+        pass
+
+    async def generate(self, request: ChatRequest) -> Completion:
+        raise EngineUnavailable(self.name, "this run does not rate (mode 'generate')")
+
+    async def aclose(self) -> None:
+        pass
+
+
+_NO_JUDGE = _NoJudge()
 
 
 async def _close_quietly(engine: Engine) -> None:

@@ -68,7 +68,7 @@ def test_quickstart_prints_one_record_per_prompt_and_logs_only_on_stderr(tmp_pat
         assert len(set(r.generation_models)) == 3 and len(r.ratings) == 3
         models.update(r.generation_models)
     assert len(models) == 6
-    assert b"done: 40 records" in result.stderr
+    assert b": 40 records (" in result.stderr
     assert all(line.startswith(b"{") for line in result.stdout.splitlines())
 
 
