@@ -92,6 +92,7 @@ class EngineConfig(_Section, frozen=True, kw_only=True):
     tokens_per_minute: float | None = None
     timeout: float = 600.0
     max_retries: int = 5
+    rate_limit_patience: float = 900.0
     # openai
     base_url: str | None = None
     api_key_env: str | None = None
@@ -166,6 +167,7 @@ class RaterConfig(EngineConfig, frozen=True, kw_only=True):
     aspects: list[Aspect] | None = None
     shuffle: bool = False
     max_attempts: int = 3
+    max_consecutive_failures: int = 10
     input_cost_per_mtok: float | None = None
     output_cost_per_mtok: float | None = None
 

@@ -553,7 +553,8 @@ def _unwrap(exc: BaseException) -> BaseException:
         cancelled = anyio.get_cancelled_exc_class()
         errors: list[BaseException] = [e for e in exc.exceptions if not isinstance(e, cancelled)]
         if len(errors) != 1:
+            # several workers hitting the same fatal error (a dead judge) report it once
             ours = [e for e in errors if isinstance(e, StreamFeedbackError)]
-            return ours[0] if len(ours) == 1 else exc
+            return ours[0] if ours and len(ours) == len(errors) else exc
         exc = errors[0]
     return exc

@@ -50,6 +50,7 @@ class RateLimiterStatistics(msgspec.Struct, frozen=True, kw_only=True):
     paused_s: float
     pauses: int
     max_concurrency: int
+    concurrency: int
     requests_per_minute: float | None
     tokens_per_minute: float | None
     window: float
@@ -165,6 +166,9 @@ class RateLimiter:
             if value is not None and value <= 0:
                 raise ValueError(f"{label}_per_minute must be positive")
         self.max_concurrency = max_concurrency
+        self.concurrency = max_concurrency
+        self._successes = 0
+        self._last_cut = -math.inf
         self.window = window
         self.headroom = headroom
         self._clock = clock
@@ -298,7 +302,7 @@ class RateLimiter:
         :raises anyio.WouldBlock: when it would have to wait.
         """
         tokens = max(0, int(estimated_tokens))
-        if self._waiting or self._in_flight >= self.max_concurrency:
+        if self._waiting or self._in_flight >= self.concurrency:
             raise anyio.WouldBlock
         now = self._clock()
         if self._delay_needed(now, tokens) > 0:
@@ -324,7 +328,7 @@ class RateLimiter:
         try:
             async with self._turn:
                 while True:
-                    if self._in_flight < self.max_concurrency:
+                    if self._in_flight < self.concurrency:
                         now = self._clock()
                         delay = self._delay_needed(now, tokens)
                         if delay <= 0:
@@ -338,6 +342,26 @@ class RateLimiter:
                         await changed.wait()
         finally:
             self._waiting -= 1
+
+    def on_rate_limited(self) -> None:
+        """A 429: halve the requests allowed in flight (at most once per second, so one
+        burst of 429s counts once). Additive increase in `on_success` wins it back."""
+        now = self._clock()
+        if now - self._last_cut < 1.0:
+            return
+        self._last_cut = now
+        self._successes = 0
+        self.concurrency = max(1, self.concurrency // 2)
+
+    def on_success(self) -> None:
+        """One more request went through: after `concurrency` of them, allow one more."""
+        if self.concurrency >= self.max_concurrency:
+            return
+        self._successes += 1
+        if self._successes >= self.concurrency:
+            self._successes = 0
+            self.concurrency += 1
+            self._notify()
 
     def pause_until(self, deadline: float) -> None:
         """Start nothing before `deadline` (on this limiter's clock): a 429's `retry-after`."""
@@ -387,6 +411,7 @@ class RateLimiter:
             paused_s=max(0.0, self._paused_until - now),
             pauses=self._pauses,
             max_concurrency=self.max_concurrency,
+            concurrency=self.concurrency,
             requests_per_minute=self._rpm,
             tokens_per_minute=self._tpm,
             window=self.window,

@@ -12,11 +12,12 @@ import logging
 import random
 from collections.abc import Sequence
 
+import anyio
 import msgspec
 
 from .._config import RaterConfig
 from .._exceptions import EngineError, EngineUnavailable, JudgeError, JudgeUnavailable
-from .._records import AspectResult, ChatRequest, Joined, Record
+from .._records import AspectResult, ChatRequest, Completion, Joined, Record
 from ..engines import Engine
 from .aspects import ASPECTS, build_messages
 from .parser import BlockRating, parse_answer
@@ -62,6 +63,10 @@ class Judge:
         self._reasks = 0
         self._null = 0
         self._ratings = 0
+        self._consecutive_failures = 0
+        self._answered = False
+        self._probe: anyio.Lock | None = None
+        self._dead: EngineUnavailable | None = None
 
     def statistics(self) -> JudgeStatistics:
         return JudgeStatistics(
@@ -77,7 +82,20 @@ class Judge:
         :raises JudgeError: the judge failed this prompt for good.
         :raises JudgeUnavailable: the judge cannot be used at all.
         """
-        results = {aspect: await self._rate_aspect(joined, aspect) for aspect in self.aspects}
+        try:
+            results = {aspect: await self._rate_aspect(joined, aspect) for aspect in self.aspects}
+        except JudgeUnavailable:
+            raise
+        except JudgeError as exc:
+            self._consecutive_failures += 1
+            limit = self.config.max_consecutive_failures
+            if limit and self._consecutive_failures >= limit:
+                raise JudgeUnavailable(
+                    f"judge {self.label}: {self._consecutive_failures} prompts in a row failed "
+                    f"(last: {exc}); stopping instead of failing every prompt"
+                ) from exc
+            raise
+        self._consecutive_failures = 0
         first = results[self.aspects[0]]
         gens = joined.generations
         record = Record(
@@ -107,6 +125,28 @@ class Judge:
             )
         return record
 
+    async def _ask(self, request: ChatRequest) -> Completion:
+        """Until the judge has answered once, send one request at a time: a wrong key or
+        model then costs one request, not one per worker."""
+        if self._dead is not None:
+            raise self._dead
+        if self._answered:
+            return await self.engine.generate(request)
+        if self._probe is None:
+            self._probe = anyio.Lock()
+        async with self._probe:
+            if self._dead is not None:
+                raise self._dead
+            if not self._answered:
+                try:
+                    completion = await self.engine.generate(request)
+                except EngineUnavailable as exc:
+                    self._dead = exc
+                    raise
+                self._answered = True
+                return completion
+        return await self.engine.generate(request)
+
     def _order(self, prompt_id: str, aspect: str, n: int) -> list[int]:
         order = list(range(n))
         if self.config.shuffle:
@@ -135,7 +175,7 @@ class Judge:
             )
             self._requests += 1
             try:
-                completion = await self.engine.generate(request)
+                completion = await self._ask(request)
             except EngineUnavailable as exc:
                 raise JudgeUnavailable(f"judge {self.label}: {exc}") from exc
             except EngineError as exc:

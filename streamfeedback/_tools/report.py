@@ -177,7 +177,7 @@ def _pct(value: float | None) -> str:
 
 def _ci(m: Moments) -> str:
     ci = m.ci95
-    return "-" if ci is None else f"{ci[0]:.2f}-{ci[1]:.2f}"
+    return "-" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def _finish(counts: dict[str, int]) -> str:
@@ -192,8 +192,11 @@ def _ratings_keys(summary: Summary) -> list[int]:
 class _Table:
     """Rows of cells with a header; text columns left-aligned, numeric ones right-aligned."""
 
-    def __init__(self, title: str, header: Sequence[str], left: int = 1) -> None:
+    def __init__(
+        self, title: str, header: Sequence[str], left: int = 1, plot: str | None = None
+    ) -> None:
         self.title = title
+        self.plot = plot
         self.header = list(header)
         self.left = left
         self.rows: list[list[str]] = []
@@ -269,6 +272,7 @@ def _leaderboard(s: Summary) -> _Table:
             "finish reasons",
         ],
         left=2,
+        plot="leaderboard",
     )
     for rank, row in enumerate(s.models, 1):
         t.add(
@@ -277,7 +281,7 @@ def _leaderboard(s: Summary) -> _Table:
             row.responses,
             row.rated,
             _num(row.mean),
-            "-" if row.ci95 is None else f"{row.ci95[0]:.2f}-{row.ci95[1]:.2f}",
+            "-" if row.ci95 is None else f"[{row.ci95[0]:.2f}, {row.ci95[1]:.2f}]",
             _pct(row.top_share),
             _pct(row.win_rate),
             _num(row.tokens_mean, 1),
@@ -301,6 +305,7 @@ def _wins(s: Summary) -> _Table:
         "Pairwise win rate (row against column; shared prompts in parentheses)",
         ["#", "model", *(f"#{i}" for i in range(1, len(names) + 1))],
         left=2,
+        plot="win_rate",
     )
     for i, a in enumerate(names, 1):
         cells = []
@@ -350,6 +355,7 @@ def _histograms(s: Summary) -> _Table:
     t = _Table(
         f"Rating histogram ({s.aspect or 'ratings'})",
         ["model", *map(str, keys), "null", "mean"],
+        plot="histograms",
     )
     for row in s.models:
         t.add(row.model, *(row.histogram.get(k, 0) for k in keys), row.nulls, _num(row.mean))
@@ -366,6 +372,7 @@ def _positions(s: Summary) -> _Table:
     t = _Table(
         "Position bias (rating by the position the judge saw the response in)",
         ["position", "rated", "mean", "95% CI"],
+        plot="position_bias",
     )
     for p in s.positions:
         t.add(f"text {p.position}", p.ratings.n, _num(p.ratings.mean), _ci(p.ratings))
@@ -392,7 +399,12 @@ def _aspects(s: Summary) -> _Table:
 
 
 def _agreement(s: Summary) -> _Table:
-    t = _Table("Aspect agreement", ["aspect", "aspect", "responses", "Pearson r"], left=2)
+    t = _Table(
+        "Aspect agreement",
+        ["aspect", "aspect", "responses", "Pearson r"],
+        left=2,
+        plot="aspect_agreement",
+    )
     for a in s.agreement:
         t.add(a.first, a.second, a.n, _num(a.r, 3))
     t.notes = ["Pearson correlation of the two aspects' ratings over responses rated on both."]
@@ -571,12 +583,12 @@ def render_html(summary: Summary, plots: dict[str, bytes], source: str) -> str:
         parts.append(f"<p class=note>No plots: matplotlib is not installed ({e(_EXTRA_HINT)}).</p>")
     for table in _tables(summary):
         parts.append(table.html())
-    for name, data in plots.items():
-        encoded = base64.b64encode(data).decode("ascii")
-        label = e(name.replace("_", " "))
-        parts.append(
-            f'<figure><img alt="{label}" src="data:image/png;base64,{encoded}">'
-            f"<figcaption>{label}</figcaption></figure>"
-        )
+        data = plots.get(table.plot or "")
+        if data is not None:
+            encoded = base64.b64encode(data).decode("ascii")
+            label = e(f"{table.title} (plot)")
+            parts.append(
+                f'<figure><img alt="{label}" src="data:image/png;base64,{encoded}"></figure>'
+            )
     parts.append("</body></html>\n")
     return "\n".join(parts)

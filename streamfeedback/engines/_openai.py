@@ -93,6 +93,7 @@ class OpenAIEngine:
         )
         self._backoff = backoff
         self._max_backoff = max_backoff
+        self._patience = config.rate_limit_patience
         self._client: openai.AsyncOpenAI | None = None
         self._api_key = ""
         self._closed = False
@@ -165,10 +166,17 @@ class OpenAIEngine:
         started = time.perf_counter()
         estimate = sum(len(m.content) for m in request.messages) // 4 + request.max_tokens
         attempt = 0
+        throttled = 0
         while True:
             try:
-                completion = await self._attempt(request, estimate, attempt)
+                completion = await self._attempt(request, estimate, attempt + throttled)
             except EngineError as err:
+                # Sustained 429s slow the run down rather than fail prompts: they are retried
+                # for as long as `rate_limit_patience` allows, apart from `max_retries`.
+                if err.status == 429 and time.perf_counter() - started < self._patience:
+                    throttled += 1
+                    self._retries += 1
+                    continue
                 if not _retryable(err) or attempt >= self.config.max_retries:
                     self._failures += 1
                     level = (
@@ -200,6 +208,7 @@ class OpenAIEngine:
                     await anyio.sleep(delay)
                 continue
             self._completions += 1
+            self.limiter.on_success()
             return msgspec.structs.replace(completion, latency_s=time.perf_counter() - started)
 
     # -- one attempt ---------------------------------------------------------------------
@@ -297,6 +306,7 @@ class OpenAIEngine:
         retry_after = _retry_after(exc.response.headers)
         if status == 429:
             self._rate_limited += 1
+            self.limiter.on_rate_limited()
             pause = retry_after if retry_after is not None else self._backoff_delay(attempt, None)
             self.limiter.pause(pause)
             logger.warning(

@@ -309,3 +309,31 @@ async def test_a_burst_never_trips_a_strict_server_limit() -> None:
     assert all(gap > window for gap in gaps)
     # paced at (1 - headroom) of the limit, give or take a loaded machine
     assert starts[-1] - starts[0] < 3 * n / (rpm / 60)
+
+
+async def test_a_long_stretch_of_429s_slows_down_instead_of_failing() -> None:
+    """More 429s than max_retries: the request waits them out within its patience."""
+    handler = _script(*[Reply.failure(429, retry_after=0.01) for _ in range(12)])
+    async with _engine(handler, max_retries=2) as (engine, _server):
+        with anyio.fail_after(10):
+            completion = await engine.generate(_request())
+    assert completion.text
+    assert engine.statistics().rate_limited == 12
+
+
+async def test_429s_beyond_patience_fail_the_request_as_busy() -> None:
+    handler = _script(*[Reply.failure(429, retry_after=0.05) for _ in range(50)])
+    async with _engine(handler, max_retries=1, rate_limit_patience=0.2) as (engine, _server):
+        with anyio.fail_after(10), pytest.raises(EngineBusy):
+            await engine.generate(_request())
+
+
+async def test_429s_cut_concurrency_and_successes_win_it_back() -> None:
+    handler = _script(Reply.failure(429, retry_after=0.01))
+    async with _engine(handler, max_concurrency=16) as (engine, _server):
+        await engine.generate(_request())
+        cut = engine.limiter.concurrency
+        assert cut == 8
+        for i in range(40):
+            await engine.generate(_request(i))
+        assert cut < engine.limiter.concurrency <= 16

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import msgspec
 import pytest
@@ -17,6 +18,9 @@ from streamfeedback import (
 )
 from streamfeedback._judge.judge import Judge
 from streamfeedback.engines import FakeEngine
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 TEXTS = ["quality=5 first", "quality=2 second", "quality=4 third", "quality=1 fourth"]
 
@@ -139,3 +143,58 @@ async def test_engine_errors_map_to_judge_errors() -> None:
     with pytest.raises(JudgeError) as info:
         await Judge(FakeEngine("judge", busy), _rater()).rate(_joined())
     assert not isinstance(info.value, JudgeUnavailable)
+
+
+async def test_a_dead_judge_costs_one_request_not_one_per_worker() -> None:
+    import anyio
+
+    def down(request: ChatRequest) -> str:
+        raise EngineUnavailable("judge", "http://127.0.0.1/v1 answered 401: check the API key")
+
+    engine = FakeEngine("judge", down)
+    judge = Judge(engine, _rater())
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with anyio.create_task_group() as tg:
+            for _ in range(32):
+                tg.start_soon(judge.rate, _joined())
+    assert all(isinstance(e, JudgeUnavailable) for e in info.value.exceptions)
+    assert "401" in str(info.value.exceptions[0])
+    assert len(engine.requests) == 1
+
+
+async def test_the_first_answer_opens_the_gate_for_everyone() -> None:
+    import anyio
+
+    async def slow(request: ChatRequest) -> str:
+        await anyio.sleep(0.05)
+        return _answer(_shown(request))
+
+    engine = FakeEngine("judge", slow)
+    judge = Judge(engine, _rater())
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(judge.rate, _joined())
+    assert engine.peak_in_flight >= 19
+
+
+async def test_a_run_of_failed_prompts_stops_the_judge() -> None:
+    from streamfeedback import EngineBusy
+
+    answered = 0
+
+    def flaky(request: ChatRequest) -> str:
+        nonlocal answered
+        if answered < 2:
+            answered += 1
+            return _answer(_shown(request))
+        raise EngineBusy("judge", "500 after retries")
+
+    judge = Judge(FakeEngine("judge", flaky), _rater(max_consecutive_failures=4))
+    await judge.rate(_joined())
+    await judge.rate(_joined())
+    for _ in range(3):
+        with pytest.raises(JudgeError) as info:
+            await judge.rate(_joined())
+        assert not isinstance(info.value, JudgeUnavailable)
+    with pytest.raises(JudgeUnavailable, match="4 prompts in a row"):
+        await judge.rate(_joined())

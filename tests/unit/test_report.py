@@ -220,7 +220,7 @@ def test_text_report_prints_the_leaderboard(
     ]
     a = rows[2]
     half = 1.96 * math.sqrt(13 / 3) / math.sqrt(3)
-    assert a[5] == f"{8 / 3 - half:.2f}-{8 / 3 + half:.2f}"
+    assert a[5] == f"[{8 / 3 - half:.2f}, {8 / 3 + half:.2f}]"
     assert a[6:10] == ["33.3%", "40.0%", "40.0", "33.3%"]
     assert "1.96*sd/sqrt(n)" in out
     assert "Position bias" in out and "Aspect agreement" not in out
