@@ -39,6 +39,7 @@ from ._records import (
     Message,
     Prompt,
     Record,
+    Substitution,
 )
 
 __version__ = "0.1.0"
@@ -77,6 +78,7 @@ __all__ = [
     "SourceConfig",
     "SourceError",
     "StreamFeedbackError",
+    "Substitution",
     "__version__",
     "load_config",
 ]

@@ -161,11 +161,15 @@ def ideal_makespan(workload: Workload) -> Ideal:
 LengthRule = Callable[[str, GeneratorConfig], int]
 
 
-def sim_length(request_id: str, generator: GeneratorConfig) -> int:
-    """The output length the sim engine gives this request (its own rule, not a copy)."""
+def sim_length(generator: GeneratorConfig) -> Callable[[str], int]:
+    """The output length the sim engine gives a request id (its own rule, not a copy)."""
     core = SimLLMEngine(generator.model, output_tokens=generator.sim_output_tokens)
     params = SimSamplingParams(max_tokens=generator.max_tokens, seed=generator.seed)
-    return core._length(request_id, params)[0]
+    return lambda request_id: core._length(request_id, params)[0]
+
+
+def _bind(length: LengthRule, generator: GeneratorConfig) -> Callable[[str], int]:
+    return lambda key: length(key, generator)
 
 
 def plan_workload(
@@ -180,8 +184,10 @@ def plan_workload(
     `length(key, generator)` gives a job's output tokens; by default the sim's rule on the
     request id the pipeline uses (`"{prompt id}:{generator name}"`).
     """
-    rule = length or sim_length
     generators = {g.label: g for g in config.generators}
+    rules: dict[str, Callable[[str], int]] = {
+        name: _bind(length, g) if length else sim_length(g) for name, g in generators.items()
+    }
     pool = list(generators)
     routing = config.routing
     durations: dict[str, list[float]] = {name: [] for name in pool}
@@ -197,7 +203,7 @@ def plan_workload(
         jobs = []
         for model in models:
             g = generators[model]
-            n_tokens = rule(f"{pid}:{model}", g)
+            n_tokens = rules[model](f"{pid}:{model}")
             jobs.append((model, len(durations[model])))
             durations[model].append(g.sim_ttft + n_tokens * g.sim_tpot)
             tokens[model].append(n_tokens)
@@ -308,6 +314,7 @@ class BenchResult(msgspec.Struct, frozen=True, kw_only=True):
     prompts: int
     records: int
     wall_s: float
+    cpu_s: float
     records_per_s: float
     generations_per_s: float
     generated_tokens: int
@@ -336,11 +343,13 @@ async def run_bench(
         judge_engine = _LimitedEngine(judge_engine, limiter)
     items = ({"id": pid, "instruction": f"Benchmark prompt {pid}."} for pid in ids)
     records = 0
+    cpu = time.process_time()
     started = time.perf_counter()
     async with Pipeline(config, failures_path=os.devnull, judge_engine=judge_engine) as pipeline:
         async for _ in pipeline.run(items):
             records += 1
         wall = time.perf_counter() - started
+        cpu = time.process_time() - cpu
         stats = pipeline.statistics()
         gauges = pipeline.gauges
     wall = max(wall, 1e-9)
@@ -363,6 +372,7 @@ async def run_bench(
         prompts=prompts,
         records=records,
         wall_s=wall,
+        cpu_s=cpu,
         records_per_s=records / wall,
         generations_per_s=sum(e.requests for e in engines.values()) / wall,
         generated_tokens=tokens,

@@ -30,11 +30,14 @@ from ._exceptions import (
     StreamFeedbackError,
 )
 from ._idset import IdSet
-from ._pipeline import Mode, Pipeline
+from ._pipeline import Mode, Pipeline, unwrap_group
 from ._pricing import judge_cost
 from ._progress import show_progress
 from ._stages.sink import NdjsonWriter, drain, read_done_ids
 from ._stages.source import open_source
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 log = logging.getLogger("streamfeedback")
 
@@ -294,31 +297,37 @@ async def _run(args: argparse.Namespace) -> int:
                 run_scope.deadline = anyio.current_time() + config.pipeline.drain_timeout
 
     try:
-        async with anyio.create_task_group() as tg:
-            with anyio.CancelScope() as run_scope:
-                tg.start_soon(watch_signals, run_scope)
-                async with (
-                    Pipeline(
-                        config,
-                        skip_ids=skip,
-                        limit=getattr(args, "limit", None),
-                        failures_path=failures_path,
-                        spool_path=spool,
-                        mode=mode,
-                    ) as pipeline,
-                    NdjsonWriter(out) as writer,
-                ):
-                    records = pipeline.run(source)
-                    if args.progress:
-                        limit = getattr(args, "limit", None)
-                        total = None if limit is None else limit - len(skip)
-                        tg.start_soon(
-                            partial(
-                                show_progress, pipeline, total=total, interval=args.progress_every
+        try:
+            async with anyio.create_task_group() as tg:
+                with anyio.CancelScope() as run_scope:
+                    tg.start_soon(watch_signals, run_scope)
+                    async with (
+                        Pipeline(
+                            config,
+                            skip_ids=skip,
+                            limit=getattr(args, "limit", None),
+                            failures_path=failures_path,
+                            spool_path=spool,
+                            mode=mode,
+                        ) as pipeline,
+                        NdjsonWriter(out) as writer,
+                    ):
+                        records = pipeline.run(source)
+                        if args.progress:
+                            limit = getattr(args, "limit", None)
+                            total = None if limit is None else limit - len(skip)
+                            tg.start_soon(
+                                partial(
+                                    show_progress,
+                                    pipeline,
+                                    total=total,
+                                    interval=args.progress_every,
+                                )
                             )
-                        )
-                    await drain(records, writer)
-            tg.cancel_scope.cancel()
+                        await drain(records, writer)
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
     except (EngineUnavailable, JudgeUnavailable) as exc:
         log.error("%s", exc)
         exit_code = EXIT_USAGE if isinstance(exc, JudgeUnavailable) else EXIT_FAILURES
@@ -367,6 +376,8 @@ def _summary(pipeline: Pipeline, config: Config, out: str, failures: str, wall: 
     ]
     if s.duplicates:
         parts.append(f"{s.duplicates} duplicate ids dropped")
+    for name, times in pipeline.pool.cooldowns().items():
+        parts.append(f"{name} was taken out of routing {times} time(s) for failing")
     if pipeline.mode != "rate":
         parts.append(f"{s.generation_tokens} tokens generated")
     if pipeline.spool is not None and pipeline.mode == "run":

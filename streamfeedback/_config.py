@@ -70,6 +70,8 @@ class RoutingConfig(_Section, frozen=True, kw_only=True):
     n: int = 3
     batch_size: int = 2
     seed: int = 0
+    on_generation_failure: Literal["reroute", "fail"] = "reroute"
+    cooldown: float = 30.0
 
     def __post_init__(self) -> None:
         if self.n < 1:

@@ -26,9 +26,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._config import Config, check_config, check_environment
 from ._exceptions import EngineUnavailable, SourceError, StreamFeedbackError
-from ._gauges import EngineGauge
 from ._idset import IdSet
 from ._judge.judge import Judge
+from ._pool import Pool
 from ._records import (
     ChatRequest,
     Completion,
@@ -47,7 +47,7 @@ from ._stages.source import SourceProblem, open_source
 from ._stages.spool import Spool, scan_spool
 from .engines import Engine, make_engine
 
-__all__ = ["Mode", "Pipeline", "PipelineStatistics", "RecordStream"]
+__all__ = ["Mode", "Pipeline", "PipelineStatistics", "RecordStream", "unwrap_group"]
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -185,7 +185,12 @@ class Pipeline:
         self._started_engines: list[Engine] = []
         self._read = self._skipped = self._duplicates = 0
         self._records_out = self._failures_out = 0
-        self.gauges = {name: EngineGauge(name) for name in self.engines}
+        self.pool = Pool(
+            self.engines,
+            {name: self._generator_configs[name] for name in self.engines},
+            cooldown=config.routing.cooldown,
+        )
+        self.gauges = self.pool.gauges
         self.generation_done = False
 
     async def __aenter__(self) -> Pipeline:
@@ -201,7 +206,7 @@ class Pipeline:
                     tg.start_soon(self._start_engine, engine, name=f"start-{engine.name}")
         except BaseException as exc:
             await self._close_engines()
-            raise _unwrap(exc) from None
+            raise unwrap_group(exc) from None
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         return self
@@ -221,7 +226,7 @@ class Pipeline:
             try:
                 return await tg.__aexit__(exc_type, exc, tb)
             except BaseExceptionGroup as group:
-                raise _unwrap(group) from None
+                raise unwrap_group(group) from None
         finally:
             if self._records is not None:
                 self._records_rx.close()
@@ -308,20 +313,20 @@ class Pipeline:
         )
         queues_tx: dict[str, MemoryObjectSendStream[GenerationJob]] = {}
         tg.start_soon(self._intake, prompts, prompts_tx, failures.clone(), name="intake")
-        for name, engine in self.engines.items():
+        for name in self.engines:
             queue_tx, queue_rx = anyio.create_memory_object_stream[GenerationJob](size)
             queues_tx[name] = queue_tx
             gen_config = self._generator_configs[name]
             tg.start_soon(
                 partial(
                     generation.run,
-                    engine,
+                    name,
+                    self.pool,
                     queue_rx,
                     results_tx.clone(),
-                    config=gen_config,
                     concurrency=gen_config.concurrency,
                     principles=cfg.principles,
-                    gauge=self.gauges[name],
+                    reroute=cfg.routing.on_generation_failure == "reroute",
                 ),
                 name=f"generation-{name}",
             )
@@ -334,6 +339,7 @@ class Pipeline:
                 n=cfg.routing.n,
                 batch_size=cfg.routing.batch_size,
                 seed=cfg.routing.seed,
+                available=self.pool.available,
             ),
             name="routing",
         )
@@ -355,7 +361,7 @@ class Pipeline:
         failures: MemoryObjectSendStream[Failure],
     ) -> None:
         """Gather, then free the generators at once: rating may go on for a long time."""
-        await gather.run(results, joined, failures)
+        await gather.run(results, joined, failures, on_complete=self.pool.forget)
         engines = list(self.engines.values())
         self._started_engines = [e for e in self._started_engines if e not in engines]
         with anyio.CancelScope(shield=True):
@@ -547,7 +553,7 @@ async def _close_quietly(engine: Engine) -> None:
         log.warning("closing %s failed: %s", engine.name, exc)
 
 
-def _unwrap(exc: BaseException) -> BaseException:
+def unwrap_group(exc: BaseException) -> BaseException:
     """The one meaningful error of a task-group failure, so callers can catch it plainly."""
     while isinstance(exc, BaseExceptionGroup):
         cancelled = anyio.get_cancelled_exc_class()

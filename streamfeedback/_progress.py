@@ -56,7 +56,10 @@ def render(
     if total is not None and rate > 0:
         left = max(0, total - s.records - s.failures)
         parts.append(f"ETA {_duration(left / rate)}")
-    flights = " ".join(f"{g.name[:14]}:{g.in_flight}" for g in pipeline.gauges.values())
+    flights = " ".join(
+        f"{g.name[:14]}:{g.in_flight}{'(cooling)' if pipeline.pool.cooling(g.name) else ''}"
+        for g in pipeline.gauges.values()
+    )
     parts.append(f"in flight {flights}")
     limit = pipeline.config.rater.requests_per_minute
     judge = f"judge {judge_rpm:.0f}/min"

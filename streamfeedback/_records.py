@@ -23,6 +23,7 @@ __all__ = [
     "Message",
     "Prompt",
     "Record",
+    "Substitution",
     "stable_id",
 ]
 
@@ -95,6 +96,8 @@ class Generation(msgspec.Struct, frozen=True, kw_only=True):
     finish_reason: str | None = None
     latency_s: float = 0.0
     principle: str | None = None
+    replaced: str | None = None
+    replaced_because: str | None = None
 
 
 class GenerationFailure(msgspec.Struct, frozen=True, kw_only=True):
@@ -126,6 +129,15 @@ class AspectResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     shown_order: list[int] | None = None
 
 
+class Substitution(msgspec.Struct, frozen=True, kw_only=True):
+    """A routed model failed a prompt for good and another model answered in its place."""
+
+    slot: int
+    failed_model: str
+    model: str
+    error: str
+
+
 class Record(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One output line: a prompt, its responses and the judge's ratings, aligned by index.
 
@@ -152,6 +164,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     finish_reasons: list[str | None] | None = None
     generation_latency_s: list[float] | None = None
     principles: list[str | None] | None = None
+    substitutions: list[Substitution] | None = None
     simulated: bool = False
 
 

@@ -17,7 +17,7 @@ import msgspec
 
 from .._config import RaterConfig
 from .._exceptions import EngineError, EngineUnavailable, JudgeError, JudgeUnavailable
-from .._records import AspectResult, ChatRequest, Completion, Joined, Record
+from .._records import AspectResult, ChatRequest, Completion, Joined, Record, Substitution
 from ..engines import Engine
 from .aspects import ASPECTS, build_messages
 from .parser import BlockRating, parse_answer
@@ -115,6 +115,14 @@ class Judge:
             finish_reasons=[g.finish_reason for g in gens],
             generation_latency_s=[round(g.latency_s, 4) for g in gens],
             principles=[g.principle for g in gens] if any(g.principle for g in gens) else None,
+            substitutions=[
+                Substitution(
+                    slot=i, failed_model=g.replaced, model=g.model, error=g.replaced_because or ""
+                )
+                for i, g in enumerate(gens)
+                if g.replaced is not None
+            ]
+            or None,
             simulated=self.simulated,
         )
         if len(self.aspects) > 1:

@@ -7,6 +7,8 @@ responses are in, so a late answer never resurrects a prompt already reported.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._channels import iterate, send
@@ -21,8 +23,13 @@ async def run(
     results: MemoryObjectReceiveStream[Generation | GenerationFailure],
     joined: MemoryObjectSendStream[Joined],
     failures: MemoryObjectSendStream[Failure],
+    *,
+    on_complete: Callable[[str], None] | None = None,
 ) -> None:
-    """Emit a `Joined` per complete prompt; closes both outputs at the end of `results`."""
+    """Emit a `Joined` per complete prompt; closes both outputs at the end of `results`.
+
+    `on_complete(prompt_id)` is told when a prompt has all its answers (or failures).
+    """
     pending: dict[str, list[_Slot]] = {}
     async with results, joined, failures:
         async for item in iterate(results):
@@ -34,6 +41,8 @@ async def run(
             if any(s is None for s in slots):
                 continue
             del pending[key]
+            if on_complete is not None:
+                on_complete(key)
             done = [s for s in slots if isinstance(s, Generation)]
             if len(done) == len(slots):
                 await send(joined, Joined(prompt=item.prompt, generations=done))

@@ -2,7 +2,8 @@
 
 Every job becomes its own `engine.generate` call as soon as a worker is free; up to
 `concurrency` calls are in flight per engine (continuous dispatch, never "send a batch,
-wait for the slowest"). A failed call becomes a `GenerationFailure` for gather to decide on.
+wait for the slowest"). A failed call is re-routed to a substitute model, or becomes a
+`GenerationFailure` for gather when no model is left.
 """
 
 from __future__ import annotations
@@ -14,11 +15,17 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .._channels import iterate, send
 from .._config import GeneratorConfig, PrinciplesConfig
-from .._exceptions import EngineError, EngineUnavailable
-from .._gauges import EngineGauge
+from .._exceptions import EngineError, EngineRequestError, EngineUnavailable
+from .._pool import Pool
 from .._principles import pick_principle
-from .._records import ChatRequest, Generation, GenerationFailure, GenerationJob, Message
-from ..engines import Engine
+from .._records import (
+    ChatRequest,
+    Completion,
+    Generation,
+    GenerationFailure,
+    GenerationJob,
+    Message,
+)
 
 __all__ = ["build_request", "run"]
 
@@ -26,7 +33,11 @@ log = logging.getLogger("streamfeedback.generation")
 
 
 def build_request(
-    job: GenerationJob, config: GeneratorConfig, principle: str | None = None
+    job: GenerationJob,
+    config: GeneratorConfig,
+    principle: str | None = None,
+    *,
+    model: str | None = None,
 ) -> ChatRequest:
     """The chat a generator is asked for one prompt: system prompt(s), then the user turn."""
     messages = [Message("user", job.prompt.instruction)]
@@ -34,7 +45,7 @@ def build_request(
     if system:
         messages.insert(0, Message("system", system))
     return ChatRequest(
-        id=f"{job.prompt.id}:{job.models[job.slot]}",
+        id=f"{job.prompt.id}:{model or job.models[job.slot]}",
         messages=messages,
         max_tokens=config.max_tokens,
         temperature=config.temperature,
@@ -44,74 +55,100 @@ def build_request(
 
 
 async def run(
-    engine: Engine,
+    name: str,
+    pool: Pool,
     jobs: MemoryObjectReceiveStream[GenerationJob],
     results: MemoryObjectSendStream[Generation | GenerationFailure],
     *,
-    config: GeneratorConfig,
     concurrency: int,
     principles: PrinciplesConfig | None = None,
-    gauge: EngineGauge | None = None,
+    reroute: bool = True,
 ) -> None:
-    """Serve `jobs` with `concurrency` workers; closes `results` when every job is answered."""
-    unavailable_logged = False
-    gauge = gauge or EngineGauge(engine.name)
+    """Serve `jobs` of model `name` with `concurrency` workers; closes `results` at the end.
+
+    With `reroute`, a job the model fails for good goes to a substitute from `pool` that the
+    prompt has not used yet, so the record still gets responses from distinct models.
+    """
+    unavailable_logged: set[str] = set()
+
+    async def attempt(job: GenerationJob, model: str) -> tuple[Completion, str | None]:
+        """One call of `model` for `job`; returns the completion and the principle used."""
+        principle = wording = None
+        if principles is not None and principles.sets:
+            principle, wording = pick_principle(
+                principles.sets, seed=principles.seed, prompt_id=job.prompt.id, model=model
+            )
+        request = build_request(job, pool.configs[model], wording, model=model)
+        gauge = pool.gauges[model]
+        gauge.started()
+        try:
+            completion = await pool.engines[model].generate(request)
+        except EngineError as exc:
+            gauge.finished(failed=True)
+            if not isinstance(exc, EngineRequestError):
+                pool.record(model, ok=False)
+            if isinstance(exc, EngineUnavailable) and model not in unavailable_logged:
+                unavailable_logged.add(model)
+                log.error("%s is unavailable: %s", model, exc)
+            raise
+        except BaseException:
+            gauge.finished(failed=True)
+            raise
+        gauge.finished(tokens=completion.completion_tokens)
+        pool.record(model, ok=True)
+        return completion, principle
 
     async def worker(
         inbox: MemoryObjectReceiveStream[GenerationJob],
         outbox: MemoryObjectSendStream[Generation | GenerationFailure],
     ) -> None:
-        nonlocal unavailable_logged
         async with inbox, outbox:
             async for job in iterate(inbox):
-                principle = wording = None
-                if principles is not None and principles.sets:
-                    principle, wording = pick_principle(
-                        principles.sets,
-                        seed=principles.seed,
-                        prompt_id=job.prompt.id,
-                        model=engine.name,
-                    )
-                request = build_request(job, config, wording)
-                gauge.started()
-                try:
-                    completion = await engine.generate(request)
-                except EngineError as exc:
-                    gauge.finished(failed=True)
-                    if isinstance(exc, EngineUnavailable) and not unavailable_logged:
-                        unavailable_logged = True
-                        log.error("%s is unavailable; its prompts go to the failures file", exc)
+                model = name
+                errors: list[str] = []
+                while True:
+                    try:
+                        completion, principle = await attempt(job, model)
+                    except EngineError as exc:
+                        errors.append(f"{model}: {type(exc).__name__}: {exc}")
+                        substitute = pool.substitute(job.prompt.id, job.models) if reroute else None
+                        if substitute is not None:
+                            log.info(
+                                "prompt %s: %s failed, asking %s", job.prompt.id, model, substitute
+                            )
+                            model = substitute
+                            continue
+                        await send(
+                            outbox,
+                            GenerationFailure(
+                                prompt=job.prompt,
+                                models=job.models,
+                                slot=job.slot,
+                                model=name,
+                                error="; ".join(errors),
+                                attempts=len(errors),
+                            ),
+                        )
+                        break
                     await send(
                         outbox,
-                        GenerationFailure(
+                        Generation(
                             prompt=job.prompt,
                             models=job.models,
                             slot=job.slot,
-                            model=engine.name,
-                            error=f"{type(exc).__name__}: {exc}",
+                            model=model,
+                            text=completion.text,
+                            completion_tokens=completion.completion_tokens,
+                            prompt_tokens=completion.prompt_tokens,
+                            finish_reason=completion.finish_reason,
+                            latency_s=completion.latency_s,
+                            principle=principle,
+                            replaced=name if model != name else None,
+                            replaced_because=errors[0] if errors else None,
                         ),
                     )
-                    continue
-                except BaseException:
-                    gauge.finished(failed=True)
-                    raise
-                gauge.finished(tokens=completion.completion_tokens)
-                await send(
-                    outbox,
-                    Generation(
-                        prompt=job.prompt,
-                        models=job.models,
-                        slot=job.slot,
-                        model=engine.name,
-                        text=completion.text,
-                        completion_tokens=completion.completion_tokens,
-                        prompt_tokens=completion.prompt_tokens,
-                        finish_reason=completion.finish_reason,
-                        latency_s=completion.latency_s,
-                        principle=principle,
-                    ),
-                )
+                    break
 
     async with jobs, results, anyio.create_task_group() as tg:
         for i in range(concurrency):
-            tg.start_soon(worker, jobs.clone(), results.clone(), name=f"gen-{engine.name}-{i}")
+            tg.start_soon(worker, jobs.clone(), results.clone(), name=f"gen-{name}-{i}")

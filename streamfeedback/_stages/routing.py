@@ -9,7 +9,7 @@ nothing waits for a batch to fill.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -19,9 +19,7 @@ from .._records import GenerationJob, Prompt
 __all__ = ["models_for_batch", "run"]
 
 
-def models_for_batch(
-    pool: Sequence[str], *, n: int, seed: int, batch: int
-) -> tuple[str, ...]:
+def models_for_batch(pool: Sequence[str], *, n: int, seed: int, batch: int) -> tuple[str, ...]:
     """The `n` distinct models that batch number `batch` goes to, in their record order."""
     return tuple(random.Random(f"{seed}:{batch}").sample(list(pool), n))
 
@@ -33,12 +31,14 @@ async def run(
     n: int,
     batch_size: int,
     seed: int,
+    available: Callable[[int], list[str]] | None = None,
 ) -> None:
     """Fan each prompt out to the queues of its batch's models; closes every queue at the end.
 
-    `prompts` must carry their source ordinal in `Prompt.index` (1-based).
+    `prompts` must carry their source ordinal in `Prompt.index` (1-based). `available(n)`
+    narrows the draw to healthy models; with every model healthy the routing is the seed's.
     """
-    pool = list(queues)
+    everyone = list(queues)
     current_batch = -1
     models: tuple[str, ...] = ()
     try:
@@ -47,6 +47,7 @@ async def run(
                 batch = (prompt.index - 1) // batch_size
                 if batch != current_batch:
                     current_batch = batch
+                    pool = everyone if available is None else available(n)
                     models = models_for_batch(pool, n=n, seed=seed, batch=batch)
                 for slot, model in enumerate(models):
                     job = GenerationJob(prompt=prompt, models=models, slot=slot)

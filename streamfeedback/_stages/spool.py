@@ -11,7 +11,7 @@ Schema (one JSON object per line, `v` = 1; fields with default values are omitte
     {"v": 1, "id": str, "instruction": str, "line": int?, "index": int,
      "generations": [{"model": str, "text": str, "completion_tokens": int,
                       "prompt_tokens": int, "finish_reason": str?, "latency_s": float,
-                      "principle": str?}, ...]}
+                      "principle": str?, "replaced": str?, "replaced_because": str?}, ...]}
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ class SpoolGeneration(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     finish_reason: str | None = None
     latency_s: float = 0.0
     principle: str | None = None
+    replaced: str | None = None
+    replaced_because: str | None = None
 
 
 class SpoolEntry(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -74,6 +76,8 @@ class SpoolEntry(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
                     finish_reason=g.finish_reason,
                     latency_s=g.latency_s,
                     principle=g.principle,
+                    replaced=g.replaced,
+                    replaced_because=g.replaced_because,
                 )
                 for g in joined.generations
             ],
@@ -96,6 +100,8 @@ class SpoolEntry(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
                     finish_reason=g.finish_reason,
                     latency_s=g.latency_s,
                     principle=g.principle,
+                    replaced=g.replaced,
+                    replaced_because=g.replaced_because,
                 )
                 for i, g in enumerate(self.generations)
             ],

@@ -10,6 +10,7 @@ from streamfeedback import (
     GenerationJob,
     Prompt,
 )
+from streamfeedback._pool import Pool
 from streamfeedback._stages import generation
 from streamfeedback.engines import FakeEngine
 
@@ -27,14 +28,13 @@ async def test_dispatch_is_continuous_up_to_the_concurrency_bound() -> None:
 
     engine = FakeEngine("alpha", slow)
     config = sim_config(generator={"system_prompt": "be brief", "max_tokens": 77}).generators[0]
+    pool = Pool({"alpha": engine}, {"alpha": config})
     jobs_tx, jobs_rx = anyio.create_memory_object_stream[GenerationJob](0)
     out_tx, out_rx = anyio.create_memory_object_stream[Generation | GenerationFailure](100)
     results: list[Generation | GenerationFailure] = []
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(
-                lambda: generation.run(engine, jobs_rx, out_tx, config=config, concurrency=40)
-            )
+            tg.start_soon(lambda: generation.run("alpha", pool, jobs_rx, out_tx, concurrency=40))
             async with jobs_tx:
                 for i in range(40):
                     text = "bad" if i == 3 else f"q{i}"
