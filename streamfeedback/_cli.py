@@ -108,6 +108,13 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("-o", "--output", help="write records to PATH (appends; '-' is stdout)")
     for cmd in (run, generate):
         cmd.add_argument("--limit", type=int, help="take only the first N prompts of the source")
+        cmd.add_argument(
+            "--shard",
+            type=_shard,
+            metavar="I/N",
+            help="take every N-th prompt starting at the I-th (0-based): N runs, one per "
+            "host, cover the source once and their outputs concatenate",
+        )
     run.add_argument("--spool", help="the spool file (default: beside a file output)")
     generate.add_argument(
         "--spool", help="the spool file (default: [spool] path, or beside the output file)"
@@ -148,6 +155,18 @@ class _StderrFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return f"{self.prefix}streamfeedback: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """Parse `--shard I/N`."""
+    i, sep, n = text.partition("/")
+    try:
+        index, count = int(i), int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N, e.g. 0/4") from None
+    if not sep or count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N with 0 <= I < N")
+    return index, count
 
 
 def _setup_logging(level: int) -> None:
@@ -309,6 +328,7 @@ async def _run(args: argparse.Namespace) -> int:
                             failures_path=failures_path,
                             spool_path=spool,
                             mode=mode,
+                            shard=getattr(args, "shard", None),
                         ) as pipeline,
                         NdjsonWriter(out) as writer,
                     ):

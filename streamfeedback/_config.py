@@ -18,6 +18,7 @@ from ._exceptions import ConfigError
 
 __all__ = [
     "ASPECTS",
+    "ClusterConfig",
     "Config",
     "EngineConfig",
     "GeneratorConfig",
@@ -127,8 +128,6 @@ class EngineConfig(_Section, frozen=True, kw_only=True):
                 raise ValueError(f"`{key}` must be positive")
         if self.gpu is not None and self.gpus is not None:
             raise ValueError("set `gpu` or `gpus`, not both")
-        if self.backend == "vllm" and self.gpu is None and not self.gpus:
-            raise ValueError("a vllm engine needs `gpu = k` or `gpus = [...]`")
         if self.sim_slots < 1:
             raise ValueError("`sim_slots` must be at least 1")
 
@@ -154,6 +153,12 @@ class GeneratorConfig(EngineConfig, frozen=True, kw_only=True):
 
     name: str | None = None
     system_prompt: str | None = None
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.replicas < 1:
+            raise ValueError("`replicas` must be at least 1")
 
     @property
     def label(self) -> str:
@@ -170,6 +175,11 @@ class RaterConfig(EngineConfig, frozen=True, kw_only=True):
     shuffle: bool = False
     max_attempts: int = 3
     max_consecutive_failures: int = 10
+    mode: Literal["live", "batch"] = "live"
+    batch_poll_interval: float = 30.0
+    batch_max_requests: int = 50_000
+    batch_max_bytes: int = 200_000_000
+    batch_completion_window: str = "24h"
     input_cost_per_mtok: float | None = None
     output_cost_per_mtok: float | None = None
 
@@ -210,6 +220,14 @@ class SpoolConfig(_Section, frozen=True, kw_only=True):
             raise ValueError("`cache` must not be negative")
 
 
+class ClusterConfig(_Section, frozen=True, kw_only=True):
+    """Where generator workers run: in this machine's processes, or as Ray actors."""
+
+    backend: Literal["local", "ray"] = "local"
+    address: str | None = None
+    namespace: str | None = None
+
+
 class OutputConfig(_Section, frozen=True, kw_only=True):
     """Where records and failures go. `path = "-"` is stdout."""
 
@@ -237,6 +255,7 @@ class Config(_Section, frozen=True, kw_only=True):
     routing: RoutingConfig = RoutingConfig()
     principles: PrinciplesConfig = PrinciplesConfig()
     spool: SpoolConfig = SpoolConfig()
+    cluster: ClusterConfig = ClusterConfig()
     output: OutputConfig = OutputConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
@@ -292,6 +311,13 @@ def check_config(config: Config, origin: str = "<config>") -> None:
     for where, engine in engines:
         if engine.backend != "vllm":
             continue
+        on_ray = config.cluster.backend == "ray" and where != "rater"
+        if on_ray:
+            continue  # Ray places the actors; `gpus` only sets how many each one needs
+        if not engine.gpu_ids:
+            raise ConfigError(
+                origin, f"{where}.gpu", "a vllm engine needs `gpu = k` or `gpus = [...]`"
+            )
         for gpu in engine.gpu_ids:
             if gpu in owners:
                 raise ConfigError(

@@ -139,6 +139,8 @@ class Pipeline:
         failures_path: str | None = None,
         spool_path: str | None = None,
         mode: Mode = "run",
+        shard: tuple[int, int] | None = None,
+        batch_state_path: str | None = None,
     ) -> None:
         check_config(config)
         self.config = config
@@ -150,7 +152,7 @@ class Pipeline:
         self.engines: dict[str, Engine] = {}
         if mode != "rate":
             if engines is None:
-                engines = {g.label: make_engine(g.label, g) for g in config.generators}
+                engines = _generator_engines(config)
             missing = set(self._generator_configs) - set(engines)
             if missing:
                 raise ValueError(f"no engine given for generators {sorted(missing)}")
@@ -178,7 +180,13 @@ class Pipeline:
         self.spooled_ids = IdSet()
         self.spool: Spool | None = None
         self.limit = limit
+        self.shard = shard
+        if shard is not None and not 0 <= shard[0] < shard[1]:
+            raise ValueError(f"shard {shard[0]}/{shard[1]}: need 0 <= i < n")
         self.failures_path = failures_path or config.output.failures
+        self.batch_state_path = batch_state_path or (
+            f"{self.spool_path}.batches.json" if self.spool_path else "batches.json"
+        )
         self._tg: TaskGroup | None = None
         self._intake_scope = anyio.CancelScope()
         self._records: RecordStream | None = None
@@ -279,6 +287,20 @@ class Pipeline:
         if self.mode == "generate":
             to_judge_rx.close()
             records_tx.close()
+        elif cfg.rater.mode == "batch":
+            from ._stages import batch_rating
+
+            tg.start_soon(
+                partial(
+                    batch_rating.run,
+                    self.judge,
+                    to_judge_rx,
+                    records_tx,
+                    failures_tx.clone(),
+                    state_path=self.batch_state_path,
+                ),
+                name="batch-rating",
+            )
         else:
             tg.start_soon(
                 partial(
@@ -446,6 +468,11 @@ class Pipeline:
                         ordinal += 1
                         if self.limit is not None and ordinal > self.limit:
                             break
+                        if (
+                            self.shard is not None
+                            and (ordinal - 1) % self.shard[1] != self.shard[0]
+                        ):
+                            continue
                         if item.id in self.skip_ids or item.id in self.spooled_ids:
                             self._skipped += 1
                             continue
@@ -490,6 +517,15 @@ class Pipeline:
         finally:
             with anyio.CancelScope(shield=True):
                 await writer.aclose()
+
+
+def _generator_engines(config: Config) -> dict[str, Engine]:
+    """The pool's engines: local workers, or Ray actors when `[cluster] backend = "ray"`."""
+    if config.cluster.backend == "ray":
+        from .engines._ray import RayEngine
+
+        return {g.label: RayEngine(g.label, g, config.cluster) for g in config.generators}
+    return {g.label: make_engine(g.label, g) for g in config.generators}
 
 
 async def _normalize(

@@ -15,7 +15,7 @@ import contextlib
 import re
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Literal
 
 import anyio
@@ -43,13 +43,13 @@ class SimSamplingParams(msgspec.Struct, kw_only=True):
 
 class SimOutput(msgspec.Struct, kw_only=True):
     text: str
-    token_ids: list[int]
+    token_ids: Sequence[int]
     finish_reason: str | None
 
 
 class SimRequestOutput(msgspec.Struct, kw_only=True):
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: Sequence[int]
     outputs: list[SimOutput]
     finished: bool
 
@@ -79,14 +79,8 @@ class SimLLMEngine:
     async def generate(
         self, prompt: str, sampling_params: SimSamplingParams, request_id: str
     ) -> AsyncIterator[SimRequestOutput]:
-        if self.role == "judge":
-            text = _judge_answer(prompt)
-            n_tokens = min(len(text.split()), sampling_params.max_tokens)
-            finish = "stop"
-        else:
-            n_tokens, finish = self._length(request_id, sampling_params)
-            text = self._response(prompt, n_tokens)
-        delay = self.ttft + n_tokens * self.tpot
+        output = self.complete(prompt, sampling_params, request_id)
+        delay = self.ttft + len(output.outputs[0].token_ids) * self.tpot
         if delay > 0:
             async with self._slots:
                 self.running += 1
@@ -97,10 +91,27 @@ class SimLLMEngine:
                     self.running -= 1
         else:
             await anyio.lowlevel.checkpoint()
-        yield SimRequestOutput(
+        yield output
+
+    @property
+    def instant(self) -> bool:
+        return self.ttft <= 0 and self.tpot <= 0
+
+    def complete(
+        self, prompt: str, sampling_params: SimSamplingParams, request_id: str
+    ) -> SimRequestOutput:
+        """The finished output for a request, without the wait (the latency model's part)."""
+        if self.role == "judge":
+            text = _judge_answer(prompt)
+            n_tokens = min(text.count(" ") + 1, sampling_params.max_tokens)
+            finish = "stop"
+        else:
+            n_tokens, finish = self._length(request_id, sampling_params)
+            text = self._response(prompt, n_tokens)
+        return SimRequestOutput(
             request_id=request_id,
-            prompt_token_ids=list(range(len(prompt.split()))),
-            outputs=[SimOutput(text=text, token_ids=list(range(n_tokens)), finish_reason=finish)],
+            prompt_token_ids=range(max(1, len(prompt) // 4)),
+            outputs=[SimOutput(text=text, token_ids=range(n_tokens), finish_reason=finish)],
             finished=True,
         )
 
@@ -183,10 +194,14 @@ class SimEngine:
         )
         started = time.perf_counter()
         final: SimRequestOutput | None = None
-        stream = self.core.generate(prompt, params, request.id)
-        async with contextlib.aclosing(stream):  # type: ignore[type-var]
-            async for output in stream:
-                final = output
+        if self.core.instant:  # no latency model: skip the stream, keep one checkpoint
+            await anyio.lowlevel.checkpoint()
+            final = self.core.complete(prompt, params, request.id)
+        else:
+            stream = self.core.generate(prompt, params, request.id)
+            async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                async for output in stream:
+                    final = output
         assert final is not None
         out = final.outputs[0]
         return Completion(

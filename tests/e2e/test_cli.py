@@ -188,3 +188,22 @@ def test_progress_lines_go_to_stderr_when_it_is_not_a_terminal(tmp_path: Path) -
     assert all(line.startswith(b"{") for line in result.stdout.splitlines())
     quiet = sf("run", str(config), "--no-progress", "--progress-every", "0.2")
     assert b"progress: " not in quiet.stderr
+
+
+def test_shards_cover_the_source_once_with_the_same_routing(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 61)
+    whole = sf("run", str(config), "-o", str(tmp_path / "whole.ndjson"))
+    assert whole.returncode == 0, whole.stderr.decode()
+    parts = []
+    for i in range(3):
+        out = tmp_path / f"part{i}.ndjson"
+        result = sf("run", str(config), "--shard", f"{i}/3", "-o", str(out))
+        assert result.returncode == 0, result.stderr.decode()
+        parts.extend(decode_lines(out.read_bytes()))
+    expected = {
+        r.id: r.generation_models for r in decode_lines((tmp_path / "whole.ndjson").read_bytes())
+    }
+    assert sorted(r.id for r in parts) == sorted(expected)
+    assert all(r.generation_models == expected[r.id] for r in parts)
+    bad = sf("run", str(config), "--shard", "3/3")
+    assert bad.returncode == 2 and b"--shard" in bad.stderr
