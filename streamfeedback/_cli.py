@@ -233,8 +233,32 @@ def plan(config: Config, path: str) -> str:
         f"up to {j.concurrency} at once{'; ' + limits if limits else ''}"
         f"{'; responses shuffled' if j.shuffle else ''}; up to {j.max_attempts} attempts"
     )
+    if j.mode == "batch":
+        lines.append(
+            f"judge mode: OpenAI Batch API, up to {j.batch_max_requests} requests per batch, "
+            f"polled every {j.batch_poll_interval:g}s"
+        )
+    if config.principles.sets:
+        lines.append(
+            f"principles: {', '.join(config.principles.sets)} (seed {config.principles.seed})"
+        )
+    if config.cluster.backend == "ray":
+        replicas = sum(g.replicas for g in config.generators)
+        lines.append(
+            f"cluster: Ray at {config.cluster.address or 'a local cluster'}; "
+            f"{replicas} generator actors"
+        )
+    r2 = config.routing
+    lines.append(
+        f"on a failed generation: {r2.on_generation_failure}; failing models cool down "
+        f"for {r2.cooldown:g}s"
+    )
     out = config.output
-    lines.append(f"output: {'stdout' if out.path == '-' else out.path}; failures: {out.failures}")
+    spool = config.spool.path or (f"{out.path}.spool.ndjson" if out.path != "-" else "none")
+    lines.append(
+        f"output: {'stdout' if out.path == '-' else out.path}; failures: {out.failures}; "
+        f"spool: {spool}"
+    )
     return "\n".join(lines) + "\n"
 
 
