@@ -179,6 +179,7 @@ class Spool:
         self.done = done or IdSet()
         self._cache: OrderedDict[int, tuple[int, Joined]] = OrderedDict()
         self._end = 0
+        self._initial_end = 0
         self._writer_done = False
         self._grew = anyio.Event()
         self.appended = 0
@@ -194,7 +195,8 @@ class Spool:
             fh = await anyio.to_thread.run_sync(open, self.path, "ab")
         except OSError as exc:
             raise SinkError(f"{self.path}: cannot open the spool: {exc.strerror}") from exc
-        self._end = await anyio.to_thread.run_sync(os.path.getsize, self.path)
+        self._end = self._initial_end = await anyio.to_thread.run_sync(os.path.getsize, self.path)
+        self._notify()
         buf = bytearray()
         try:
             async with joined:
@@ -239,6 +241,7 @@ class Spool:
         """No writer for this run: read what the file holds, then end."""
         self._writer_done = True
         self._end = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        self._initial_end = self._end
         self._notify()
 
     def _notify(self) -> None:
@@ -263,7 +266,7 @@ class Spool:
                         size, joined = cached
                         cursor += size
                         self.read_from_memory += 1
-                        if self._fresh(joined.prompt.id, seen):
+                        if self._fresh(joined.prompt.id, seen, cursor - size):
                             await send(out, joined)
                         continue
                     if fh is None:
@@ -278,7 +281,7 @@ class Spool:
                         if entry is None:
                             continue
                         self.read_from_file += 1
-                        if self._fresh(entry.id, seen):
+                        if self._fresh(entry.id, seen, cursor - size):
                             await send(out, entry.to_joined())
                     for stale in [k for k in self._cache if k < cursor]:
                         del self._cache[stale]
@@ -287,8 +290,12 @@ class Spool:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(fh.close)
 
-    def _fresh(self, prompt_id: str, seen: IdSet) -> bool:
-        return prompt_id not in self.done and seen.add(prompt_id)
+    def _fresh(self, prompt_id: str, seen: IdSet, offset: int) -> bool:
+        """Not rated yet. Only entries from earlier runs can repeat an id (this run's intake
+        never spools a prompt twice), so only those are remembered: memory stays flat."""
+        if prompt_id in self.done:
+            return False
+        return offset >= self._initial_end or seen.add(prompt_id)
 
 
 def _write_flush(fh: BinaryIO, data: bytes) -> None:

@@ -123,3 +123,15 @@ async def test_generation_finishes_long_before_a_slow_judge_and_frees_the_engine
 async def test_generate_mode_needs_a_spool() -> None:
     with pytest.raises(ValueError, match="spool"):
         Pipeline(sim_config(), mode="generate")
+
+
+async def test_an_id_repeated_by_earlier_runs_is_rated_once(tmp_path: Path) -> None:
+    path = tmp_path / "s.ndjson"
+    line = msgspec.json.encode(SpoolEntry.from_joined(_joined(1))) + b"\n"
+    path.write_bytes(line + line + msgspec.json.encode(SpoolEntry.from_joined(_joined(2))) + b"\n")
+    spool = Spool(str(path))
+    spool.finish()
+    out_tx, out_rx = anyio.create_memory_object_stream[Joined](10)
+    await spool.read(out_tx)
+    async with out_rx:
+        assert [j.prompt.id async for j in out_rx] == ["p1", "p2"]
