@@ -21,7 +21,7 @@ import msgspec
 from .._exceptions import SinkError
 from .._idset import IdSet
 
-__all__ = ["Batchable", "NdjsonWriter", "drain", "read_done_ids"]
+__all__ = ["Batchable", "NdjsonWriter", "drain", "read_done_ids", "scan_ids"]
 
 _encoder = msgspec.json.Encoder()
 
@@ -127,19 +127,20 @@ async def drain(stream: Batchable, writer: NdjsonWriter, *, batch: int = 1024) -
     return written
 
 
-def read_done_ids(path: str, *, repair: bool = True) -> tuple[IdSet, int]:
-    """Ids already in an NDJSON output, and how many bytes of torn last line were cut.
+def scan_ids(path: str, *, repair: bool = True) -> tuple[IdSet, int, int]:
+    """Ids in an append-only NDJSON file (output or spool), how many lines held one, and how
+    many bytes of a torn last line were cut.
 
     A crash mid-write can leave a last line without its newline; that line is not a record,
     so it is cut off (when `repair`) and its prompt will be redone. Lines that do not decode
-    are left in place and not counted as done.
+    are left in place and not counted.
     """
     ids = IdSet()
+    lines = torn = 0
     try:
         size = os.path.getsize(path)
     except FileNotFoundError:
-        return ids, 0
-    torn = 0
+        return ids, 0, 0
     with open(path, "rb") as fh:
         for line in fh:
             if not line.endswith(b"\n"):
@@ -149,7 +150,14 @@ def read_done_ids(path: str, *, repair: bool = True) -> tuple[IdSet, int]:
                 ids.add(_id_decoder.decode(line).id)
             except msgspec.DecodeError:
                 continue
+            lines += 1
     if torn and repair:
         with open(path, "r+b") as fh:
             fh.truncate(size - torn)
+    return ids, lines, torn
+
+
+def read_done_ids(path: str, *, repair: bool = True) -> tuple[IdSet, int]:
+    """Ids already in an output file, and the bytes of a torn last line cut off."""
+    ids, _, torn = scan_ids(path, repair=repair)
     return ids, torn

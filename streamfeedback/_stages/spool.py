@@ -31,6 +31,7 @@ from .._channels import iterate, send
 from .._exceptions import SinkError, SourceError
 from .._idset import IdSet
 from .._records import Generation, Joined, Prompt
+from .sink import scan_ids
 
 __all__ = ["Spool", "SpoolEntry", "SpoolGeneration", "read_spool", "scan_spool"]
 
@@ -112,35 +113,9 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(SpoolEntry)
 
 
-class _IdOnly(msgspec.Struct):
-    id: str
-
-
-_id_decoder = msgspec.json.Decoder(_IdOnly)
-
-
 def scan_spool(path: str, *, repair: bool = True) -> tuple[IdSet, int, int]:
     """Ids already spooled, the number of entries, and the bytes of a torn last line cut off."""
-    ids = IdSet()
-    entries = torn = 0
-    try:
-        size = os.path.getsize(path)
-    except FileNotFoundError:
-        return ids, 0, 0
-    with open(path, "rb") as fh:
-        for line in fh:
-            if not line.endswith(b"\n"):
-                torn = len(line)
-                break
-            try:
-                ids.add(_id_decoder.decode(line).id)
-                entries += 1
-            except msgspec.DecodeError:
-                log.warning("%s: skipping an unreadable spool line", path)
-    if torn and repair:
-        with open(path, "r+b") as fh:
-            fh.truncate(size - torn)
-    return ids, entries, torn
+    return scan_ids(path, repair=repair)
 
 
 def _read_chunk(fh: BinaryIO, offset: int) -> bytes:
