@@ -12,6 +12,7 @@ slow judge back-pressures the source instead of filling memory.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable, Mapping
 from functools import partial
@@ -185,7 +186,9 @@ class Pipeline:
             raise ValueError(f"shard {shard[0]}/{shard[1]}: need 0 <= i < n")
         self.failures_path = failures_path or config.output.failures
         self.batch_state_path = batch_state_path or (
-            f"{self.spool_path}.batches.json" if self.spool_path else "batches.json"
+            f"{self.spool_path}.batches.json"
+            if self.spool_path
+            else os.path.join(os.path.dirname(self.failures_path), "streamfeedback.batches.json")
         )
         self._tg: TaskGroup | None = None
         self._intake_scope = anyio.CancelScope()
@@ -298,6 +301,7 @@ class Pipeline:
                     records_tx,
                     failures_tx.clone(),
                     state_path=self.batch_state_path,
+                    done=self.skip_ids,
                 ),
                 name="batch-rating",
             )
@@ -589,14 +593,19 @@ async def _close_quietly(engine: Engine) -> None:
         log.warning("closing %s failed: %s", engine.name, exc)
 
 
+_KNOCK_ON = (anyio.BrokenResourceError, anyio.ClosedResourceError)
+
+
 def unwrap_group(exc: BaseException) -> BaseException:
     """The one meaningful error of a task-group failure, so callers can catch it plainly."""
     while isinstance(exc, BaseExceptionGroup):
         cancelled = anyio.get_cancelled_exc_class()
         errors: list[BaseException] = [e for e in exc.exceptions if not isinstance(e, cancelled)]
         if len(errors) != 1:
-            # several workers hitting the same fatal error (a dead judge) report it once
+            # Several workers hitting one fatal error (a dead judge) report it once; a stage
+            # whose neighbour died meanwhile (a broken channel) is a consequence, not a cause.
             ours = [e for e in errors if isinstance(e, StreamFeedbackError)]
-            return ours[0] if ours and len(ours) == len(errors) else exc
+            knock_on = [e for e in errors if isinstance(e, _KNOCK_ON)]
+            return ours[0] if ours and len(ours) + len(knock_on) == len(errors) else exc
         exc = errors[0]
     return exc

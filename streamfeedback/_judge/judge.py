@@ -4,13 +4,16 @@ The responses may be shown in a shuffled order (the paper's guard against positi
 every parsed block is mapped back through that permutation, so `ratings[i]` always belongs
 to `generations[i]`. A response whose block cannot be read after `max_attempts` is null,
 never a neighbour's value.
+
+`rate` is the live path. The batch path (`_stages/batch_rating.py`) uses the same parts
+(`requests`, `parse`, `merge_blocks`, `assemble`), so both build the same requests and records.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import anyio
 import msgspec
@@ -22,7 +25,14 @@ from ..engines import Engine
 from .aspects import ASPECTS, build_messages
 from .parser import BlockRating, parse_answer
 
-__all__ = ["Judge", "JudgeStatistics"]
+__all__ = [
+    "Judge",
+    "JudgeStatistics",
+    "complete",
+    "custom_id",
+    "merge_blocks",
+    "split_custom_id",
+]
 
 log = logging.getLogger("streamfeedback.judge")
 
@@ -96,6 +106,9 @@ class Judge:
                 ) from exc
             raise
         self._consecutive_failures = 0
+        return self._record(joined, results)
+
+    def _record(self, joined: Joined, results: dict[str, AspectResult]) -> Record:
         first = results[self.aspects[0]]
         gens = joined.generations
         record = Record(
@@ -155,44 +168,20 @@ class Judge:
                 return completion
         return await self.engine.generate(request)
 
-    def _order(self, prompt_id: str, aspect: str, n: int) -> list[int]:
-        order = list(range(n))
-        if self.config.shuffle:
-            random.Random(f"{self.seed}:{prompt_id}:{aspect}").shuffle(order)
-        return order
-
     async def _rate_aspect(self, joined: Joined, aspect: str) -> AspectResult:
-        spec = ASPECTS[aspect]
-        n = len(joined.generations)
-        order = self._order(joined.prompt.id, aspect, n)
-        texts = [joined.generations[i].text for i in order]
-        messages = build_messages(aspect, joined.prompt.instruction, texts)
-        shown: list[BlockRating | None] = [None] * n
+        shown: list[BlockRating | None] = [None] * len(joined.generations)
         attempts = 0
         while attempts < self.config.max_attempts:
             attempts += 1
-            if attempts > 1:
-                self._reasks += 1
-            request = ChatRequest(
-                id=f"{joined.prompt.id}:{aspect}:{attempts}",
-                messages=messages,
-                max_tokens=self.config.max_tokens,
-                temperature=self.config.temperature,
-                top_p=self.config.top_p,
-                seed=self.config.seed,
-            )
-            self._requests += 1
+            request = self.request(joined, aspect, attempts)
             try:
                 completion = await self._ask(request)
             except EngineUnavailable as exc:
                 raise JudgeUnavailable(f"judge {self.label}: {exc}") from exc
             except EngineError as exc:
                 raise JudgeError(f"judge {self.label} ({aspect}): {exc}") from exc
-            parsed = parse_answer(completion.text, n, typed=spec.typed, allows_na=spec.allows_na)
-            for k, block in enumerate(parsed):
-                if not _readable(shown[k]) and block is not None:
-                    shown[k] = block
-            if all(_readable(b) for b in shown):
+            shown = merge_blocks(shown, self.parse(joined, aspect, completion.text))
+            if complete(shown):
                 break
             log.debug(
                 "judge answer for %s (%s) has unreadable blocks (attempt %d of %d)",
@@ -201,6 +190,71 @@ class Judge:
                 attempts,
                 self.config.max_attempts,
             )
+        return self.aspect_result(joined, aspect, shown, attempts)
+
+    # -- the parts the live and the batch paths share ------------------------------------
+
+    def order(self, prompt_id: str, aspect: str, n: int) -> list[int]:
+        """Which response the judge sees as text k+1: the identity unless `shuffle`.
+
+        Seeded by the prompt id and aspect, so any process can rebuild it from the prompt.
+        """
+        order = list(range(n))
+        if self.config.shuffle:
+            random.Random(f"{self.seed}:{prompt_id}:{aspect}").shuffle(order)
+        return order
+
+    def request(self, joined: Joined, aspect: str, attempt: int) -> ChatRequest:
+        """The request for one aspect of one prompt; its id is `custom_id(...)`.
+
+        Counted in `statistics()` as sent (a re-ask when `attempt > 1`).
+        """
+        n = len(joined.generations)
+        order = self.order(joined.prompt.id, aspect, n)
+        texts = [joined.generations[i].text for i in order]
+        self._requests += 1
+        if attempt > 1:
+            self._reasks += 1
+        return ChatRequest(
+            id=custom_id(joined.prompt.id, aspect, attempt),
+            messages=build_messages(aspect, joined.prompt.instruction, texts),
+            max_tokens=self.config.max_tokens,
+            temperature=self.config.temperature,
+            top_p=self.config.top_p,
+            seed=self.config.seed,
+        )
+
+    def requests(
+        self, joined: Joined, attempt: int, aspects: Collection[str] | None = None
+    ) -> list[tuple[str, str, ChatRequest]]:
+        """(custom_id, aspect, request) for `aspects` (default: all configured), in config order.
+
+        A re-ask is the same request again with a higher `attempt`; `merge_blocks` keeps what
+        the earlier attempts already read.
+        """
+        wanted = self.aspects if aspects is None else [a for a in self.aspects if a in aspects]
+        out = []
+        for aspect in wanted:
+            request = self.request(joined, aspect, attempt)
+            out.append((request.id, aspect, request))
+        return out
+
+    def parse(self, joined: Joined, aspect: str, answer: str) -> list[BlockRating | None]:
+        """One answer's blocks, indexed by text number as the judge saw them (shown order)."""
+        spec = ASPECTS[aspect]
+        return parse_answer(
+            answer, len(joined.generations), typed=spec.typed, allows_na=spec.allows_na
+        )
+
+    def aspect_result(
+        self, joined: Joined, aspect: str, shown: Sequence[BlockRating | None], attempts: int
+    ) -> AspectResult:
+        """Blocks in shown order mapped back onto `generations`; counted in `statistics()`."""
+        spec = ASPECTS[aspect]
+        n = len(joined.generations)
+        if len(shown) != n:
+            raise ValueError(f"{len(shown)} blocks for {n} responses")
+        order = self.order(joined.prompt.id, aspect, n)
         blocks: list[BlockRating | None] = [None] * n
         for k, original in enumerate(order):
             blocks[original] = shown[k]
@@ -223,6 +277,50 @@ class Judge:
             attempts=attempts,
             shown_order=shown_order,
         )
+
+    def assemble(
+        self,
+        joined: Joined,
+        answers: Mapping[str, Sequence[BlockRating | None]],
+        attempts: Mapping[str, int],
+    ) -> Record:
+        """A prompt's record from each aspect's blocks (shown order) and attempt count."""
+        results = {
+            aspect: self.aspect_result(joined, aspect, answers[aspect], attempts[aspect])
+            for aspect in self.aspects
+        }
+        return self._record(joined, results)
+
+
+def custom_id(prompt_id: str, aspect: str, attempt: int) -> str:
+    """`<prompt id>|<aspect>|<attempt>`, unique per request of a run. A prompt id may hold `|`
+    itself, so read it back with `split_custom_id`, which splits from the right."""
+    return f"{prompt_id}|{aspect}|{attempt}"
+
+
+def split_custom_id(value: str) -> tuple[str, str, int]:
+    """(prompt id, aspect, attempt) from a `custom_id`.
+
+    :raises ValueError: not of that form.
+    """
+    prompt_id, aspect, attempt = value.rsplit("|", 2)
+    return prompt_id, aspect, int(attempt)
+
+
+def merge_blocks(
+    earlier: Sequence[BlockRating | None], parsed: Sequence[BlockRating | None]
+) -> list[BlockRating | None]:
+    """What a re-ask adds: a text keeps the first readable block it got; a text still
+    unreadable takes the new answer's block, if that answer has one for it."""
+    return [
+        old if _readable(old) or new is None else new
+        for old, new in zip(earlier, parsed, strict=True)
+    ]
+
+
+def complete(blocks: Sequence[BlockRating | None]) -> bool:
+    """Whether every text has a readable block (a rating, or N/A where the aspect allows it)."""
+    return all(_readable(b) for b in blocks)
 
 
 def fine_grained_scores(results: Sequence[AspectResult], n: int) -> list[float | None]:

@@ -10,6 +10,12 @@ untidy and broken answers), `rate_limited` (a strict server-side sliding window 
     async with OpenAIServer(judge_handler()) as server:
         ...  # point an engine at server.base_url; inspect server.requests afterwards
 
+It also serves OpenAI's Files and Batches endpoints, in memory: an uploaded batch file is run
+line by line through the same `handler` once `batch_delay` has passed, and its output and error
+files come back in OpenAI's batch output format; `expire_after` lets tests expire batches part
+way through. `api_key` makes every route answer 401 to any other bearer token (quoting the
+token it got, as careless servers do, so tests prove the client never repeats it).
+
 Also runnable: `python -m streamfeedback.testing.openai_server --port 0 --judge` prints its
 base URL as the first line of stdout and serves until SIGINT/SIGTERM.
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import http
 import inspect
 import logging
@@ -49,6 +56,8 @@ __all__ = [
     "RateLimitedHandler",
     "Reply",
     "Request",
+    "StoredBatch",
+    "StoredFile",
     "delayed",
     "echo_handler",
     "judge_handler",
@@ -60,6 +69,11 @@ __all__ = [
 logger = logging.getLogger("streamfeedback.testing")
 
 _MAX_HEAD = 64 * 1024
+_FILE_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
+_FILE_ROUTE = re.compile(r"(?:/v1)?/files(?:/(?P<id>[^/]+)(?P<content>/content)?)?")
+_BATCH_ROUTE = re.compile(r"(?:/v1)?/batches(?:/(?P<id>[^/]+)(?P<cancel>/cancel)?)?")
+_BOUNDARY = re.compile(r'boundary="?(?P<b>[^";]+)"?', re.IGNORECASE)
+_DISPOSITION_PARAM = re.compile(r'(?P<key>name|filename)="(?P<value>[^"]*)"', re.IGNORECASE)
 _MAX_BODY = 64 * 1024 * 1024
 _ERROR_TYPES = {
     400: ("invalid_request_error", None),
@@ -166,11 +180,88 @@ class _BadRequest(Exception):
     pass
 
 
-class OpenAIServer:
-    """Serves `POST /v1/chat/completions` and `GET /v1/models` through `handler`.
+@dataclasses.dataclass
+class StoredFile:
+    """An uploaded or generated file, held in memory."""
 
-    `requests` records every request in arrival order; `status_counts` counts the answers by
-    status; `connections` counts accepted TCP connections (keep-alive shows as few).
+    id: str
+    filename: str
+    purpose: str
+    data: bytes
+    created_at: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": len(self.data),
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+            "expires_at": None,
+            "status_details": None,
+        }
+
+
+@dataclasses.dataclass
+class StoredBatch:
+    """A batch and where it stands; `to_json` is OpenAI's Batch object."""
+
+    id: str
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    created_at: int
+    metadata: dict[str, str] | None = None
+    status: str = "validating"
+    times: dict[str, int] = dataclasses.field(default_factory=dict)
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: list[dict[str, Any]] | None = None
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancel_requested: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "batch",
+            "endpoint": self.endpoint,
+            "input_file_id": self.input_file_id,
+            "completion_window": self.completion_window,
+            "status": self.status,
+            "created_at": self.created_at,
+            "expires_at": self.created_at + 24 * 3600,
+            **{f"{name}_at": at for name, at in self.times.items()},
+            "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id,
+            "errors": None if self.errors is None else {"object": "list", "data": self.errors},
+            "request_counts": {
+                "total": self.total,
+                "completed": self.completed,
+                "failed": self.failed,
+            },
+            "metadata": self.metadata,
+        }
+
+    def move(self, status: str, stamp: str | None = None) -> None:
+        self.status = status
+        self.times[stamp or status] = int(time.time())
+
+
+class OpenAIServer:
+    """Serves `POST /v1/chat/completions` and `GET /v1/models` through `handler`, and the
+    Files (`POST /v1/files`, `GET /v1/files/{id}[/content]`) and Batches (`POST /v1/batches`,
+    `GET /v1/batches/{id}`, `POST /v1/batches/{id}/cancel`) endpoints.
+
+    `requests` records every HTTP request in arrival order; `status_counts` counts the answers
+    by status; `connections` counts accepted TCP connections (keep-alive shows as few);
+    `files` and `batches` hold what was uploaded and created; `batch_requests` the batch lines
+    the handler answered. A batch stays `validating` for `batch_delay` seconds (read while it
+    waits, so a test may change it), is answered, stays `in_progress` as long again, then is
+    `completed`. With `expire_after = k`, a batch answers k lines and then `expired`.
     """
 
     def __init__(
@@ -180,8 +271,18 @@ class OpenAIServer:
         host: str = "127.0.0.1",
         port: int = 0,
         models: Sequence[str] = ("test-model",),
+        api_key: str | None = None,
+        batch_delay: float = 0.0,
+        expire_after: int | None = None,
     ) -> None:
         self.handler = handler
+        self.api_key = api_key
+        self.batch_delay = batch_delay
+        self.expire_after = expire_after
+        self.files: dict[str, StoredFile] = {}
+        self.batches: dict[str, StoredBatch] = {}
+        self.batch_requests: list[Request] = []
+        self._tg: anyio.abc.TaskGroup | None = None
         self.host = host
         self.port = port
         self.models = list(models)
@@ -202,6 +303,7 @@ class OpenAIServer:
             self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)
+            self._tg = tg
             tg.start_soon(listener.serve, self._connection)
             self._stack = stack.pop_all()
         return self
@@ -289,6 +391,16 @@ class OpenAIServer:
         self, request: Request, raw_body: bytes
     ) -> tuple[int, bytes, dict[str, str]]:
         path = request.path.rstrip("/")
+        if self.api_key is not None:
+            given = request.headers.get("authorization", "").removeprefix("Bearer ")
+            if given != self.api_key:
+                return _error(401, f"Incorrect API key provided: {given}.")
+        files = _FILE_ROUTE.fullmatch(path)
+        if files is not None:
+            return self._files(request, raw_body, files.group("id"), bool(files.group("content")))
+        batches = _BATCH_ROUTE.fullmatch(path)
+        if batches is not None:
+            return self._batches(request, batches.group("id"), bool(batches.group("cancel")))
         if path.endswith("/models"):
             if request.method != "GET":
                 return _error(405, "use GET")
@@ -315,6 +427,9 @@ class OpenAIServer:
         return reply.status, self._completion_body(request, reply), headers
 
     def _completion_body(self, request: Request, reply: Reply) -> bytes:
+        return msgspec.json.encode(self._completion(request, reply))
+
+    def _completion(self, request: Request, reply: Reply) -> dict[str, Any]:
         self._ids += 1
         text = reply.text or ""
         prompt_chars = sum(len(_content_text(m.get("content"))) for m in request.messages)
@@ -324,27 +439,222 @@ class OpenAIServer:
         completion_tokens = reply.completion_tokens
         if completion_tokens is None:
             completion_tokens = len(text.split())
+        return {
+            "id": f"chatcmpl-{self._ids}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request.model or "unknown",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": reply.finish_reason,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    # -- files and batches ---------------------------------------------------------------
+
+    def _next_id(self, prefix: str) -> str:
+        self._ids += 1
+        return f"{prefix}{self._ids}"
+
+    def _store(self, filename: str, purpose: str, data: bytes) -> StoredFile:
+        stored = StoredFile(
+            id=self._next_id("file-"),
+            filename=filename,
+            purpose=purpose,
+            data=data,
+            created_at=int(time.time()),
+        )
+        self.files[stored.id] = stored
+        return stored
+
+    def _files(
+        self, request: Request, raw_body: bytes, file_id: str | None, content: bool
+    ) -> tuple[int, bytes, dict[str, str]]:
+        if file_id is None:
+            if request.method != "POST":
+                return _error(405, "use POST to upload a file")
+            try:
+                fields = _multipart(request.headers.get("content-type", ""), raw_body)
+            except ValueError as exc:
+                return _error(400, f"bad multipart body: {exc}")
+            purpose = fields.get("purpose")
+            upload = fields.get("file")
+            if purpose is None or purpose[1].decode() not in _FILE_PURPOSES:
+                return _error(400, "`purpose` must be one of " + ", ".join(sorted(_FILE_PURPOSES)))
+            if upload is None:
+                return _error(400, "no `file` part in the upload")
+            stored = self._store(upload[0] or "upload", purpose[1].decode(), upload[1])
+            return 200, msgspec.json.encode(stored.to_json()), {}
+        if request.method != "GET":
+            return _error(405, "use GET")
+        found = self.files.get(file_id)
+        if found is None:
+            return _error(404, f"No such File object: {file_id}")
+        if content:
+            return 200, found.data, {"content-type": "application/octet-stream"}
+        return 200, msgspec.json.encode(found.to_json()), {}
+
+    def _batches(
+        self, request: Request, batch_id: str | None, cancel: bool
+    ) -> tuple[int, bytes, dict[str, str]]:
+        if batch_id is None:
+            if request.method != "POST":
+                return _error(405, "use POST to create a batch")
+            return self._create_batch(request)
+        batch = self.batches.get(batch_id)
+        if batch is None:
+            return _error(404, f"No batch found with id '{batch_id}'.")
+        if cancel:
+            if request.method != "POST":
+                return _error(405, "use POST")
+            if batch.status in ("validating", "in_progress", "finalizing"):
+                batch.cancel_requested = True
+                batch.move("cancelling")
+        elif request.method != "GET":
+            return _error(405, "use GET")
+        return 200, msgspec.json.encode(batch.to_json()), {}
+
+    def _create_batch(self, request: Request) -> tuple[int, bytes, dict[str, str]]:
+        body = request.body if isinstance(request.body, dict) else {}
+        input_file_id = body.get("input_file_id")
+        endpoint = body.get("endpoint")
+        window = body.get("completion_window")
+        if not isinstance(input_file_id, str) or input_file_id not in self.files:
+            return _error(400, f"Invalid input_file_id: {input_file_id!r}")
+        if endpoint != "/v1/chat/completions":
+            return _error(400, f"Unsupported endpoint {endpoint!r}; use /v1/chat/completions")
+        if window != "24h":
+            return _error(400, f"Invalid completion_window {window!r}; use 24h")
+        metadata = body.get("metadata")
+        batch = StoredBatch(
+            id=self._next_id("batch_"),
+            input_file_id=input_file_id,
+            endpoint=endpoint,
+            completion_window=window,
+            created_at=int(time.time()),
+            metadata=metadata if isinstance(metadata, dict) else None,
+        )
+        self.batches[batch.id] = batch
+        if self._tg is None:
+            return _error(503, "the server is not running")
+        self._tg.start_soon(self._run_batch, batch, request.headers, name=f"batch-{batch.id}")
+        return 200, msgspec.json.encode(batch.to_json()), {}
+
+    async def _hold(self, batch: StoredBatch) -> None:
+        """Wait `batch_delay` (as it is now, checked often) unless the batch is cancelled."""
+        start = time.monotonic()
+        while True:
+            left = self.batch_delay - (time.monotonic() - start)
+            if batch.cancel_requested or left <= 0:
+                return
+            await anyio.sleep(min(0.01, left))
+
+    async def _run_batch(self, batch: StoredBatch, headers: dict[str, str]) -> None:
+        await self._hold(batch)
+        lines, problems = _batch_lines(self.files[batch.input_file_id].data, batch.endpoint)
+        if problems and not batch.cancel_requested:
+            batch.errors = problems
+            batch.move("failed")
+            return
+        batch.total = len(lines)
+        if not batch.cancel_requested:
+            batch.move("in_progress")
+        output: list[bytes] = []
+        errors: list[bytes] = []
+        stop = self.expire_after
+        for i, (custom_id, body) in enumerate(lines):
+            if batch.cancel_requested or (stop is not None and i >= stop):
+                code = "batch_cancelled" if batch.cancel_requested else "batch_expired"
+                errors.append(self._batch_error_line(custom_id, code))
+                batch.failed += 1
+                continue
+            status, answer = await self._batch_answer(body, headers)
+            line = {
+                "id": self._next_id("batch_req_"),
+                "custom_id": custom_id,
+                "response": {
+                    "status_code": status,
+                    "request_id": self._next_id("req_"),
+                    "body": answer,
+                },
+                "error": None,
+            }
+            if status < 400:
+                batch.completed += 1
+                output.append(msgspec.json.encode(line))
+            else:
+                batch.failed += 1
+                errors.append(msgspec.json.encode(line))
+        if not batch.cancel_requested:
+            await self._hold(batch)
+        if output:
+            batch.output_file_id = self._store(
+                f"{batch.id}_output.jsonl", "batch_output", b"\n".join(output) + b"\n"
+            ).id
+        if errors:
+            batch.error_file_id = self._store(
+                f"{batch.id}_errors.jsonl", "batch_output", b"\n".join(errors) + b"\n"
+            ).id
+        if batch.cancel_requested:
+            batch.move("cancelled")
+        elif stop is not None and stop < len(lines):
+            batch.move("expired")
+        else:
+            batch.move("finalizing")
+            batch.move("completed")
+
+    def _batch_error_line(self, custom_id: str, code: str) -> bytes:
+        message = (
+            "This request was cancelled with its batch."
+            if code == "batch_cancelled"
+            else "This request could not be executed before the completion window expired."
+        )
         return msgspec.json.encode(
             {
-                "id": f"chatcmpl-{self._ids}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": request.model or "unknown",
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": None,
-                        "finish_reason": reply.finish_reason,
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
+                "id": self._next_id("batch_req_"),
+                "custom_id": custom_id,
+                "response": None,
+                "error": {"code": code, "message": message},
             }
         )
+
+    async def _batch_answer(self, body: dict[str, Any], headers: dict[str, str]) -> tuple[int, Any]:
+        """One batch line through the handler, as if it came over HTTP (its delay skipped)."""
+        model = body.get("model")
+        request = Request(
+            time=time.monotonic(),
+            method="POST",
+            path="/v1/chat/completions",
+            headers=headers,
+            body=body,
+            model=model if isinstance(model, str) else None,
+        )
+        self.batch_requests.append(request)
+        if not isinstance(body.get("messages"), list):
+            return 400, Reply.failure(400, "the body must have `messages`").error
+        try:
+            reply = await _call(self.handler, request)
+        except Exception as exc:
+            logger.exception("handler failed on a batch line")
+            return 500, Reply.failure(500, f"handler failed: {type(exc).__name__}").error
+        if reply.raw is not None:
+            try:
+                return reply.status, msgspec.json.decode(reply.raw)
+            except msgspec.DecodeError:
+                return reply.status, reply.raw.decode("utf-8", "replace")
+        if reply.status >= 400:
+            error = reply.error if reply.error is not None else Reply.failure(reply.status).error
+            return reply.status, error
+        return reply.status, self._completion(request, reply)
 
     def _models_body(self, request: Request) -> bytes:
         seen = dict.fromkeys(self.models)
@@ -391,6 +701,83 @@ def _content_text(content: object) -> str:
     if isinstance(content, list):
         return "".join(part.get("text", "") for part in content if isinstance(part, dict))
     return ""
+
+
+def _multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """name -> (filename, bytes) of a multipart/form-data body, as httpx sends it.
+
+    :raises ValueError: not multipart, or no boundary.
+    """
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ValueError(f"content-type is {content_type or 'missing'}")
+    match = _BOUNDARY.search(content_type)
+    if match is None:
+        raise ValueError("no boundary")
+    delimiter = b"--" + match.group("b").encode("latin-1")
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    for part in body.split(delimiter)[1:]:
+        if part.startswith(b"--"):
+            break
+        head, sep, data = part.removeprefix(b"\r\n").partition(b"\r\n\r\n")
+        if not sep:
+            raise ValueError("a part without headers")
+        params: dict[str, str] = {}
+        for line in head.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-disposition":
+                params = {
+                    m.group("key").lower(): m.group("value")
+                    for m in _DISPOSITION_PARAM.finditer(value)
+                }
+        if "name" in params:
+            fields[params["name"]] = (params.get("filename"), data.removesuffix(b"\r\n"))
+    return fields
+
+
+def _batch_lines(
+    data: bytes, endpoint: str
+) -> tuple[list[tuple[str, dict[str, Any]]], list[dict[str, Any]]]:
+    """(custom_id, body) per line of a batch input file, and what makes it invalid (OpenAI
+    rejects a whole file for one bad line, a repeated custom_id or a second model)."""
+    lines: list[tuple[str, dict[str, Any]]] = []
+    problems: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    models: set[str] = set()
+
+    def problem(number: int, code: str, message: str) -> None:
+        problems.append({"code": code, "line": number, "message": message, "param": None})
+
+    for number, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            item = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            problem(number, "invalid_json_line", "This line is not parseable as valid JSON.")
+            continue
+        if not isinstance(item, dict):
+            problem(number, "invalid_request", "Each line must be a JSON object.")
+            continue
+        custom_id, body = item.get("custom_id"), item.get("body")
+        if not isinstance(custom_id, str) or not custom_id:
+            problem(number, "missing_required_parameter", "Missing `custom_id`.")
+        elif custom_id in seen:
+            problem(number, "duplicate_custom_id", f"The custom_id {custom_id!r} is repeated.")
+        elif item.get("method") != "POST" or item.get("url") != endpoint:
+            problem(number, "invalid_url", f"Each line must POST to {endpoint}.")
+        elif not isinstance(body, dict):
+            problem(number, "invalid_request", "Missing `body`.")
+        else:
+            seen.add(custom_id)
+            model = body.get("model")
+            models.add(model if isinstance(model, str) else "")
+            if len(models) > 1:
+                problem(number, "mismatched_model", "All requests must use the same model.")
+                continue
+            lines.append((custom_id, body))
+    if not lines and not problems:
+        problem(0, "empty_file", "The input file holds no requests.")
+    return lines, problems
 
 
 # -- handlers ------------------------------------------------------------------------------

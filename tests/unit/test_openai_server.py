@@ -223,3 +223,136 @@ async def test_server_runs_as_a_module_and_prints_its_url() -> None:
         process.send_signal(signal.SIGINT)
         with anyio.fail_after(10):
             assert await process.wait() == 0
+
+
+# -- files and batches -------------------------------------------------------------------
+
+
+def _batch_file(*lines: dict[str, Any]) -> bytes:
+    return b"".join(msgspec.json.encode(line) + b"\n" for line in lines)
+
+
+def _line(custom_id: str, text: str, model: str = "m") -> dict[str, Any]:
+    body = {"model": model, "messages": [{"role": "user", "content": text}]}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+async def _until(batch: Any, client: Any, *statuses: str) -> Any:
+    with anyio.fail_after(10):
+        while batch.status not in statuses:
+            await anyio.sleep(0.01)
+            batch = await client.batches.retrieve(batch.id)
+    return batch
+
+
+async def test_files_and_batches_through_the_sdk(tmp_path: Any) -> None:
+    import openai
+
+    def handler(request: Request) -> Reply:
+        if "fail" in request.prompt:
+            return Reply.failure(400, "no good")
+        return Reply(text=f"re: {request.prompt}")
+
+    async with OpenAIServer(handler, batch_delay=0.05) as server:
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+        async with client:
+            path = tmp_path / "in.jsonl"
+            path.write_bytes(_batch_file(_line("a", "hello"), _line("b", "fail me")))
+            upload = await client.files.create(file=path, purpose="batch")
+            assert (upload.filename, upload.purpose, upload.bytes) == (
+                "in.jsonl",
+                "batch",
+                path.stat().st_size,
+            )
+            assert (await client.files.content(upload.id)).content == path.read_bytes()
+            assert (await client.files.retrieve(upload.id)).id == upload.id
+            batch = await client.batches.create(
+                input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            assert batch.status == "validating"
+            batch = await _until(batch, client, "in_progress")
+            batch = await _until(batch, client, "completed")
+            assert batch.request_counts is not None
+            assert (batch.request_counts.total, batch.request_counts.completed) == (2, 1)
+            assert batch.request_counts.failed == 1
+            assert batch.output_file_id and batch.error_file_id
+            out = (await client.files.content(batch.output_file_id)).content.splitlines()
+            errors = (await client.files.content(batch.error_file_id)).content.splitlines()
+    (ok,) = [msgspec.json.decode(line) for line in out]
+    (bad,) = [msgspec.json.decode(line) for line in errors]
+    assert ok["custom_id"] == "a" and ok["error"] is None
+    assert ok["response"]["status_code"] == 200
+    assert ok["response"]["body"]["choices"][0]["message"]["content"] == "re: hello"
+    assert bad["custom_id"] == "b" and bad["response"]["status_code"] == 400
+    assert bad["response"]["body"]["error"]["message"] == "no good"
+    assert [r.prompt for r in server.batch_requests] == ["hello", "fail me"]
+
+
+async def test_batches_fail_validation_expire_and_cancel(tmp_path: Any) -> None:
+    import openai
+
+    async with OpenAIServer(echo_handler(), batch_delay=0.02) as server:
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+        async with client:
+
+            async def submit(data: bytes) -> Any:
+                path = tmp_path / "f.jsonl"
+                path.write_bytes(data)
+                upload = await client.files.create(file=path, purpose="batch")
+                return await client.batches.create(
+                    input_file_id=upload.id,
+                    endpoint="/v1/chat/completions",
+                    completion_window="24h",
+                )
+
+            bad = await submit(_batch_file(_line("a", "x"), _line("a", "y"), _line("c", "z", "n")))
+            bad = await _until(bad, client, "failed")
+            assert bad.errors is not None and bad.errors.data is not None
+            assert [(e.code, e.line) for e in bad.errors.data] == [
+                ("duplicate_custom_id", 2),
+                ("mismatched_model", 3),
+            ]
+
+            server.expire_after = 1
+            expired = await submit(_batch_file(_line("a", "x"), _line("b", "y")))
+            expired = await _until(expired, client, "expired")
+            assert expired.output_file_id and expired.error_file_id
+            error = (await client.files.content(expired.error_file_id)).content
+            assert msgspec.json.decode(error)["error"]["code"] == "batch_expired"
+
+            server.expire_after = None
+            server.batch_delay = 60
+            held = await submit(_batch_file(_line("a", "x")))
+            cancelled = await client.batches.cancel(held.id)
+            assert cancelled.status == "cancelling"
+            cancelled = await _until(cancelled, client, "cancelled")
+            assert cancelled.request_counts is not None
+            assert cancelled.request_counts.failed == 1
+
+            with pytest.raises(openai.NotFoundError):
+                await client.batches.retrieve("batch_nope")
+            with pytest.raises(openai.BadRequestError):
+                await client.batches.create(
+                    input_file_id="file-nope",
+                    endpoint="/v1/chat/completions",
+                    completion_window="24h",
+                )
+
+
+async def test_api_key_guards_every_route() -> None:
+    import openai
+
+    async with OpenAIServer(echo_handler(), api_key="sk-right") as server:
+        wrong = openai.AsyncOpenAI(base_url=server.base_url, api_key="sk-wrong", max_retries=0)
+        right = openai.AsyncOpenAI(base_url=server.base_url, api_key="sk-right", max_retries=0)
+        async with wrong, right:
+            with pytest.raises(openai.AuthenticationError):
+                await wrong.batches.retrieve("batch_1")
+            with pytest.raises(openai.AuthenticationError):
+                await wrong.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "hi"}]
+                )
+            reply = await right.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert reply.choices[0].message.content
