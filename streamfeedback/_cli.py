@@ -133,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--sim-slots", type=int, default=256)
     bench.add_argument("--sim-output-tokens", type=int, default=64)
     bench.add_argument("--batch-size", type=int, default=2)
+    from ._bench import configure_parser as configure_bench
+
+    configure_bench(bench)
 
     for name in _TOOLS:
         module = importlib.import_module(f"streamfeedback._tools.{name}")
