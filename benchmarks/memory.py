@@ -84,8 +84,10 @@ def main() -> None:
         rss, wall, lines = run(size, args.judge_latency)
         assert lines == size, f"{lines} records for {size} prompts"
         results.append((size, rss))
-        print(f"prompts={size:>8} peak_rss_mib={rss:8.1f} wall_s={wall:7.1f} "
-              f"records_per_s={size / wall:8.0f}")
+        print(
+            f"prompts={size:>8} peak_rss_mib={rss:8.1f} wall_s={wall:7.1f} "
+            f"records_per_s={size / wall:8.0f}"
+        )
     ratio = results[-1][1] / results[0][1]
     print(f"rss_ratio_largest_vs_smallest={ratio:.2f} (target <= 1.30)")
 

@@ -296,6 +296,14 @@ def check_config(config: Config, origin: str = "<config>") -> None:
                 origin, f"generators[{i}].name", f"two generators are named {g.label!r}"
             )
         names.add(g.label)
+    if config.cluster.backend != "ray":
+        for i, g in enumerate(config.generators):
+            if g.replicas > 1:
+                raise ConfigError(
+                    origin,
+                    f"generators[{i}].replicas",
+                    'replicas need [cluster] backend = "ray" (one engine per GPU here)',
+                )
     if config.routing.n > len(config.generators):
         raise ConfigError(
             origin,

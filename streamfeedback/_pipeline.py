@@ -350,7 +350,7 @@ class Pipeline:
                     self.pool,
                     queue_rx,
                     results_tx.clone(),
-                    concurrency=gen_config.concurrency,
+                    concurrency=gen_config.concurrency * gen_config.replicas,
                     principles=cfg.principles,
                     reroute=cfg.routing.on_generation_failure == "reroute",
                 ),
@@ -597,15 +597,23 @@ _KNOCK_ON = (anyio.BrokenResourceError, anyio.ClosedResourceError)
 
 
 def unwrap_group(exc: BaseException) -> BaseException:
-    """The one meaningful error of a task-group failure, so callers can catch it plainly."""
-    while isinstance(exc, BaseExceptionGroup):
-        cancelled = anyio.get_cancelled_exc_class()
-        errors: list[BaseException] = [e for e in exc.exceptions if not isinstance(e, cancelled)]
-        if len(errors) != 1:
-            # Several workers hitting one fatal error (a dead judge) report it once; a stage
-            # whose neighbour died meanwhile (a broken channel) is a consequence, not a cause.
-            ours = [e for e in errors if isinstance(e, StreamFeedbackError)]
-            knock_on = [e for e in errors if isinstance(e, _KNOCK_ON)]
-            return ours[0] if ours and len(ours) + len(knock_on) == len(errors) else exc
-        exc = errors[0]
+    """The one meaningful error of a task-group failure, so callers can catch it plainly.
+
+    Several workers hitting one fatal error (a dead judge) report it once, and a stage whose
+    neighbour died meanwhile (a broken channel) is a consequence, not a cause. Anything else
+    (two different errors, a bug) keeps the whole group.
+    """
+    cancelled = anyio.get_cancelled_exc_class()
+    leaves: list[BaseException] = [e for e in _leaves(exc) if not isinstance(e, cancelled)]
+    if len(leaves) == 1:
+        return leaves[0]
+    ours = [e for e in leaves if isinstance(e, StreamFeedbackError)]
+    if ours and all(isinstance(e, (StreamFeedbackError, *_KNOCK_ON)) for e in leaves):
+        return ours[0]
     return exc
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]

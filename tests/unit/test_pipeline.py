@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,9 @@ from streamfeedback import (
     Record,
 )
 from streamfeedback.engines import FakeEngine, SimEngine
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup, ExceptionGroup
 
 from ..helpers import POOL, sim_config
 
@@ -179,3 +183,16 @@ async def test_run_needs_the_context_manager_and_runs_once() -> None:
         await _collect(pipeline, [])
         with pytest.raises(RuntimeError, match="once"):
             pipeline.run([])
+
+
+async def test_unwrap_group_finds_the_cause_under_nested_groups_and_knock_on_errors() -> None:
+    from streamfeedback import JudgeUnavailable
+    from streamfeedback._pipeline import unwrap_group
+
+    cause = JudgeUnavailable("judge: 401")
+    nested = ExceptionGroup("rating", [cause, JudgeUnavailable("judge: 401")])
+    group = BaseExceptionGroup("pipeline", [nested, anyio.BrokenResourceError()])
+    assert unwrap_group(group) is cause
+    bug = BaseExceptionGroup("pipeline", [nested, TypeError("a bug")])
+    assert unwrap_group(bug) is bug
+    assert unwrap_group(cause) is cause
