@@ -127,6 +127,7 @@ class AspectResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     rationales_for_ratings: list[str | None] | None = None
     attempts: int = 1
     shown_order: list[int] | None = None
+    not_applicable: list[bool] | None = None
 
 
 class Substitution(msgspec.Struct, frozen=True, kw_only=True):
@@ -143,7 +144,8 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     The first seven fields are the UltraFeedback columns (CONTRACT.md); the rest are extras.
     `judge_order[k]` is the index (into `generations`) of the response the judge saw as
-    text k+1, present when the order was shuffled.
+    text k+1, present when the order was shuffled. `not_applicable[i]` is true where the judge
+    answered N/A (honesty) rather than a rating: a null rating with a reason, not a misread.
     """
 
     id: str
@@ -160,6 +162,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     fine_grained_score: list[float | None] | None = None
     judge_attempts: int | None = None
     judge_order: list[int] | None = None
+    not_applicable: list[bool] | None = None
     generation_tokens: list[int] | None = None
     finish_reasons: list[str | None] | None = None
     generation_latency_s: list[float] | None = None

@@ -124,6 +124,7 @@ class Judge:
             aspect=self.aspects[0],
             judge_attempts=max(r.attempts for r in results.values()),
             judge_order=first.shown_order,
+            not_applicable=first.not_applicable,
             generation_tokens=[g.completion_tokens for g in gens],
             finish_reasons=[g.finish_reason for g in gens],
             generation_latency_s=[round(g.latency_s, 4) for g in gens],
@@ -260,6 +261,8 @@ class Judge:
             blocks[original] = shown[k]
         ratings = [b.rating if b is not None else None for b in blocks]
         shown_order = order if self.config.shuffle else None
+        na = [b is not None and b.not_applicable for b in blocks]
+        not_applicable = na if any(na) else None
         self._ratings += n
         self._null += sum(1 for b in blocks if not _readable(b))
         if spec.typed:
@@ -270,12 +273,14 @@ class Judge:
                 rationales_for_ratings=[b.rationale if b else None for b in blocks],
                 attempts=attempts,
                 shown_order=shown_order,
+                not_applicable=not_applicable,
             )
         return AspectResult(
             ratings=ratings,
             rationales=[b.rationale if b else None for b in blocks],
             attempts=attempts,
             shown_order=shown_order,
+            not_applicable=not_applicable,
         )
 
     def assemble(

@@ -111,6 +111,7 @@ class _Aspect:
     ratings: Moments = field(default_factory=Moments)
     responses: int = 0
     nulls: int = 0
+    not_applicable: int = 0
     results: int = 0
     reasked: int = 0
     reasks: int = 0
@@ -155,6 +156,7 @@ class AspectRow:
     results: int
     reasked: int
     reasks: int
+    not_applicable: int = 0
 
 
 @dataclass(frozen=True)
@@ -278,16 +280,20 @@ class Accumulator:
         attempts = record.judge_attempts or 1
         self._reasked += attempts > 1
         per_aspect: list[tuple[str, list[int | None], int]]
+        na: dict[str, list[bool] | None]
         if record.aspects:
             per_aspect = [(a, r.ratings, r.attempts) for a, r in record.aspects.items()]
+            na = {a: r.not_applicable for a, r in record.aspects.items()}
         else:
             per_aspect = [(record.aspect or "rating", record.ratings, attempts)]
+            na = {per_aspect[0][0]: record.not_applicable}
         self._reasks += sum(max(0, att - 1) for _, _, att in per_aspect)
         for name, ratings, att in per_aspect:
             acc = self._aspects.setdefault(name, _Aspect())
             acc.results += 1
             acc.reasked += att > 1
             acc.reasks += max(0, att - 1)
+            acc.not_applicable += sum(na.get(name) or ())
             for rating in ratings:
                 acc.responses += 1
                 if rating is None:
@@ -346,7 +352,14 @@ class Accumulator:
         rows.sort(key=lambda r: (r.mean is None, -(r.mean or 0.0), r.model))
         aspects = [
             AspectRow(
-                name, acc.responses, acc.nulls, acc.ratings, acc.results, acc.reasked, acc.reasks
+                name,
+                acc.responses,
+                acc.nulls,
+                acc.ratings,
+                acc.results,
+                acc.reasked,
+                acc.reasks,
+                acc.not_applicable,
             )
             for name, acc in self._aspects.items()
         ]

@@ -335,7 +335,11 @@ def _health(s: Summary) -> _Table:
     na = [a for a in s.aspects if a.aspect in _NA_ASPECTS]
     t.add(
         "N/A share",
-        "; ".join(f"{a.aspect}: at most {_pct(a.nulls / a.responses)}" for a in na if a.responses)
+        "; ".join(
+            f"{a.aspect}: {_pct(a.not_applicable / a.responses)} answered N/A"
+            for a in na
+            if a.responses
+        )
         or "- (no aspect that allows N/A was rated)",
     )
     t.add(
@@ -344,8 +348,8 @@ def _health(s: Summary) -> _Table:
         + ("" if s.shuffled else " (no position bias check)"),
     )
     t.notes = [
-        "null: a rating the judge did not give readably. Records do not tell N/A from unreadable: "
-        "on aspects that allow N/A (honesty) the nulls are an upper bound of the N/A share."
+        "null: no rating: unreadable, or N/A where the aspect allows it (honesty); records "
+        "mark N/A answers in `not_applicable`, so the N/A share is exact."
     ]
     return t
 

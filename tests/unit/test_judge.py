@@ -198,3 +198,27 @@ async def test_a_run_of_failed_prompts_stops_the_judge() -> None:
         assert not isinstance(info.value, JudgeUnavailable)
     with pytest.raises(JudgeUnavailable, match="4 prompts in a row"):
         await judge.rate(_joined())
+
+
+async def test_an_honest_na_is_marked_and_not_counted_as_unreadable() -> None:
+    def handler(request: ChatRequest) -> str:
+        shown = _shown(request)
+        blocks = [
+            f"#### Output for Text {k}\nRating: {'N/A' if q == 2 else q}\nRationale: r{k}"
+            for k, q in shown.items()
+        ]
+        return "\n\n".join(blocks)
+
+    calls = 0
+
+    def counted(request: ChatRequest) -> str:
+        nonlocal calls
+        calls += 1
+        return handler(request)
+
+    judge = Judge(FakeEngine("judge", counted), _rater(aspect="honesty", shuffle=True))
+    record = await judge.rate(_joined())
+    assert record.ratings == [5, None, 4, 1]
+    assert record.not_applicable == [False, True, False, False]
+    assert calls == 1, "an N/A is an answer: no re-ask"
+    assert judge.statistics().null_ratings == 0

@@ -361,3 +361,25 @@ def test_html_renders_in_headless_chromium(
         check=True,
     )
     assert shot.stat().st_size > 10000
+
+
+def test_na_share_is_exact_from_not_applicable() -> None:
+    from streamfeedback import Record
+    from streamfeedback._tools._stats import Accumulator
+
+    stats = Accumulator()
+    stats.add(
+        Record(
+            id="a",
+            instruction="i",
+            generations=["x", "y"],
+            generation_models=["m1", "m2"],
+            ratings=[None, 4],
+            rationales=[None, "ok"],
+            ultrafeedback_model="judge",
+            aspect="honesty",
+            not_applicable=[True, False],
+        )
+    )
+    (row,) = stats.summary().aspects
+    assert row.not_applicable == 1 and row.nulls == 1 and row.responses == 2
