@@ -178,6 +178,7 @@ def dataset_features() -> Any:
         "rationales_for_ratings": texts,
         "attempts": Value("int64"),
         "shown_order": ints,
+        "not_applicable": List(Value("bool")),
     }
     return Features(
         {
@@ -198,6 +199,16 @@ def dataset_features() -> Any:
             "generation_tokens": ints,
             "finish_reasons": texts,
             "generation_latency_s": List(Value("float64")),
+            "not_applicable": List(Value("bool")),
+            "principles": texts,
+            "substitutions": List(
+                {
+                    "slot": Value("int64"),
+                    "failed_model": Value("string"),
+                    "model": Value("string"),
+                    "error": Value("string"),
+                }
+            ),
             "simulated": Value("bool"),
         }
     )
@@ -218,6 +229,7 @@ def record_row(record: Record) -> dict[str, Any]:
                 "rationales_for_ratings": aspects[name].get("rationales_for_ratings"),
                 "attempts": aspects[name].get("attempts", 1),
                 "shown_order": aspects[name].get("shown_order"),
+                "not_applicable": aspects[name].get("not_applicable"),
             }
         )
         for name in ASPECTS
@@ -233,6 +245,9 @@ def record_row(record: Record) -> dict[str, Any]:
         "generation_tokens",
         "finish_reasons",
         "generation_latency_s",
+        "not_applicable",
+        "principles",
+        "substitutions",
     ):
         row.setdefault(key, None)
     return row

@@ -351,3 +351,13 @@ def test_argilla_jsonl_has_per_aspect_suggestions_and_a_settings_file(tmp_path: 
     names = {q["name"] for q in settings["questions"]}
     assert "truthfulness_rationale_2" in names and "honesty_rating_1" in names
     assert len(names) == 4 * 2 * 2
+
+
+def test_the_dataset_schema_has_every_record_field() -> None:
+    """A field added to Record but not to the schema would be dropped from every export."""
+    from streamfeedback import AspectResult, Record
+    from streamfeedback._tools.export import dataset_features
+
+    features = dataset_features()
+    assert set(features) == set(Record.__struct_fields__)
+    assert set(features["aspects"]["honesty"]) == set(AspectResult.__struct_fields__)
