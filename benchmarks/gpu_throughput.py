@@ -38,8 +38,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import msgspec
 
-from streamfeedback import ChatRequest, EngineError, GeneratorConfig, Message, load_config
+from streamfeedback import (
+    ChatRequest,
+    EngineError,
+    GenerationJob,
+    GeneratorConfig,
+    Prompt,
+    load_config,
+)
+from streamfeedback._stages.generation import build_request
 from streamfeedback.engines._vllm import VLLMEngine, engine_args
 
 
@@ -73,16 +82,11 @@ class Tally:
 
 
 def _request(config: GeneratorConfig, i: int, text: str, max_tokens: int | None) -> ChatRequest:
-    messages = [Message("system", config.system_prompt)] if config.system_prompt else []
-    messages.append(Message("user", text))
-    return ChatRequest(
-        id=f"bench-{i}",
-        messages=messages,
-        max_tokens=max_tokens or config.max_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        seed=config.seed,
-    )
+    """The request a run sends for this prompt (the pipeline's own builder)."""
+    if max_tokens:
+        config = msgspec.structs.replace(config, max_tokens=max_tokens)
+    prompt = Prompt(id=f"bench-{i}", instruction=text)
+    return build_request(GenerationJob(prompt=prompt, models=(config.label,), slot=0), config)
 
 
 async def drive(

@@ -20,7 +20,7 @@ from functools import partial
 import anyio
 
 from . import __version__
-from ._config import Config, check_environment, load_config
+from ._config import Config, EngineConfig, check_environment, load_config
 from ._exceptions import (
     ConfigError,
     EngineUnavailable,
@@ -196,6 +196,15 @@ def _validate(path: str) -> int:
     return EXIT_OK
 
 
+def _location(engine: EngineConfig) -> str:
+    """Where an engine runs, for the plan."""
+    if engine.backend == "vllm":
+        return f"GPU {','.join(map(str, engine.gpu_ids))}"
+    if engine.backend == "openai":
+        return engine.base_url or "OpenAI API"
+    return "simulated"
+
+
 def plan(config: Config, path: str) -> str:
     """A human-readable summary of what a config would do."""
     src = config.source
@@ -210,11 +219,7 @@ def plan(config: Config, path: str) -> str:
     )
     lines.append("generators:")
     for g in config.generators:
-        where = {
-            "vllm": f"GPU {','.join(map(str, g.gpu_ids))}",
-            "openai": g.base_url or "OpenAI API",
-            "sim": "simulated",
-        }[g.backend]
+        where = _location(g)
         lines.append(
             f"  - {g.label}: {g.backend} {g.model} on {where}; max_tokens {g.max_tokens}, "
             f"temperature {g.temperature}, up to {g.concurrency} in flight"
@@ -225,11 +230,7 @@ def plan(config: Config, path: str) -> str:
         for k, v in (("requests/min", j.requests_per_minute), ("tokens/min", j.tokens_per_minute))
         if v is not None
     )
-    where = {
-        "vllm": f"GPU {','.join(map(str, j.gpu_ids))}",
-        "openai": j.base_url or "OpenAI API",
-        "sim": "simulated",
-    }[j.backend]
+    where = _location(j)
     lines.append(
         f"judge: {j.backend} {j.model} on {where}; aspects {', '.join(j.aspect_list)}; "
         f"max_tokens {j.max_tokens}, temperature {j.temperature}; "

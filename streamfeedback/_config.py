@@ -312,11 +312,7 @@ def check_config(config: Config, origin: str = "<config>") -> None:
             f"{len(config.generators)} generators",
         )
     owners: dict[int, str] = {}
-    engines: list[tuple[str, EngineConfig]] = [
-        (f"generators[{i}]", g) for i, g in enumerate(config.generators)
-    ]
-    engines.append(("rater", config.rater))
-    for where, engine in engines:
+    for where, engine in _engine_sections(config):
         if engine.backend != "vllm":
             continue
         on_ray = config.cluster.backend == "ray" and where != "rater"
@@ -341,11 +337,7 @@ def check_environment(config: Config, origin: str = "<config>") -> None:
 
     :raises ConfigError: naming the key and the variable (never its value).
     """
-    engines: list[tuple[str, EngineConfig]] = [
-        (f"generators[{i}]", g) for i, g in enumerate(config.generators)
-    ]
-    engines.append(("rater", config.rater))
-    for where, engine in engines:
+    for where, engine in _engine_sections(config):
         if engine.backend != "openai":
             continue
         var = api_key_env(engine)
@@ -355,6 +347,15 @@ def check_environment(config: Config, origin: str = "<config>") -> None:
                 f"{where}.api_key_env",
                 f"environment variable {var} is not set (it should hold the API key)",
             )
+
+
+def _engine_sections(config: Config) -> list[tuple[str, EngineConfig]]:
+    """Every engine section with the key path errors name it by."""
+    sections: list[tuple[str, EngineConfig]] = [
+        (f"generators[{i}]", g) for i, g in enumerate(config.generators)
+    ]
+    sections.append(("rater", config.rater))
+    return sections
 
 
 def api_key_env(engine: EngineConfig) -> str | None:

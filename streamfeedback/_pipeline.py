@@ -43,7 +43,7 @@ from ._records import (
     stable_id,
 )
 from ._stages import gather, generation, rating, routing
-from ._stages.sink import NdjsonWriter
+from ._stages.sink import NdjsonWriter, drain
 from ._stages.source import SourceProblem, open_source
 from ._stages.spool import Spool, scan_spool
 from .engines import Engine, make_engine
@@ -421,6 +421,9 @@ class Pipeline:
     def _count(self, record: Record) -> None:
         self._records_out += 1
 
+    def _count_failures(self, n: int) -> None:
+        self._failures_out += n
+
     async def _start_engine(self, engine: Engine) -> None:
         self._started_engines.append(engine)
         await engine.start()
@@ -508,16 +511,7 @@ class Pipeline:
         writer = NdjsonWriter(self.failures_path)
         try:
             async with failures:
-                async for first in failures:
-                    batch = [first]
-                    while True:
-                        try:
-                            batch.append(failures.receive_nowait())
-                        except (anyio.WouldBlock, anyio.EndOfStream):
-                            break
-                    self._failures_out += len(batch)
-                    with anyio.CancelScope(shield=True):
-                        await writer.write_many(batch)
+                await drain(failures, writer, on_write=self._count_failures)
         finally:
             with anyio.CancelScope(shield=True):
                 await writer.aclose()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -112,8 +112,18 @@ class Batchable(Protocol):
     def receive_nowait(self) -> Any: ...
 
 
-async def drain(stream: Batchable, writer: NdjsonWriter, *, batch: int = 1024) -> int:
-    """Write everything `stream` yields, batching what is already waiting. Returns lines written."""
+async def drain(
+    stream: Batchable,
+    writer: NdjsonWriter,
+    *,
+    batch: int = 1024,
+    on_write: Callable[[int], None] | None = None,
+) -> int:
+    """Write everything `stream` yields, batching what is already waiting. Returns lines written.
+
+    A batch taken off the stream is written whole even under cancellation (shielded), so
+    nothing received is dropped; `on_write(n)` is told after each batch.
+    """
     written = 0
     async for first in stream:
         items = [first]
@@ -122,8 +132,11 @@ async def drain(stream: Batchable, writer: NdjsonWriter, *, batch: int = 1024) -
                 items.append(stream.receive_nowait())
             except (anyio.WouldBlock, anyio.EndOfStream):
                 break
-        await writer.write_many(items)
+        with anyio.CancelScope(shield=True):
+            await writer.write_many(items)
         written += len(items)
+        if on_write is not None:
+            on_write(len(items))
     return written
 
 
