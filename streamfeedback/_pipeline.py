@@ -1,10 +1,10 @@
 """The pipeline: creates every channel, wires the stages, owns every task.
 
-    source -> intake -> routing -> generation (one worker pool per engine) -> gather
+    source -> intake -> routing -> generation (one worker pool per engine) -> gather (join table)
            [-> spool file -> spool reader] -> rating (judge worker pool) -> records
     intake, gather, rating -> failures -> failures file
 
-Every channel is a bounded anyio memory stream created here and nowhere else; each stage
+Every channel is a bounded `_channels` channel created here and nowhere else; each stage
 closes what it was handed, so the end of the source ripples down as end-of-stream and a
 slow judge back-pressures the source instead of filling memory.
 """
@@ -23,8 +23,8 @@ import anyio
 import anyio.to_thread
 import msgspec
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._channels import Receiver, Sender, open_channel
 from ._config import Config, check_config, check_environment
 from ._exceptions import EngineUnavailable, SourceError, StreamFeedbackError
 from ._idset import IdSet
@@ -34,8 +34,6 @@ from ._records import (
     ChatRequest,
     Completion,
     Failure,
-    Generation,
-    GenerationFailure,
     GenerationJob,
     Joined,
     Prompt,
@@ -78,7 +76,7 @@ class PipelineStatistics(msgspec.Struct, frozen=True, kw_only=True):
 class RecordStream:
     """The records of a run, as they are ready. Iterate it with `async for`."""
 
-    def __init__(self, stream: MemoryObjectReceiveStream[Record], owner: Pipeline) -> None:
+    def __init__(self, stream: Receiver[Record], owner: Pipeline) -> None:
         self._stream = stream
         self._owner = owner
 
@@ -276,9 +274,9 @@ class Pipeline:
         size = cfg.pipeline.buffer
         tg = self._tg
 
-        records_tx, records_rx = anyio.create_memory_object_stream[Record](size)
-        failures_tx, failures_rx = anyio.create_memory_object_stream[Failure](size)
-        to_judge_tx, to_judge_rx = anyio.create_memory_object_stream[Joined](size)
+        records_tx, records_rx = open_channel[Record](size)
+        failures_tx, failures_rx = open_channel[Failure](size)
+        to_judge_tx, to_judge_rx = open_channel[Joined](size)
 
         if self.mode != "rate":
             self._start_generation(tg, prompts, to_judge_tx, failures_tx)
@@ -327,36 +325,18 @@ class Pipeline:
         self,
         tg: TaskGroup,
         prompts: Iterable[PromptInput] | AsyncIterable[PromptInput] | None,
-        to_judge: MemoryObjectSendStream[Joined],
-        failures: MemoryObjectSendStream[Failure],
+        to_judge: Sender[Joined],
+        failures: Sender[Failure],
     ) -> None:
         """Intake -> routing -> generation pools -> gather [-> spool], ending at `to_judge`."""
         cfg = self.config
         size = cfg.pipeline.buffer
-        prompts_tx, prompts_rx = anyio.create_memory_object_stream[Prompt](size)
-        results_tx, results_rx = anyio.create_memory_object_stream[Generation | GenerationFailure](
-            size
-        )
-        queues_tx: dict[str, MemoryObjectSendStream[GenerationJob]] = {}
-        tg.start_soon(self._intake, prompts, prompts_tx, failures.clone(), name="intake")
+        prompts_tx, prompts_rx = open_channel[Prompt](size)
+        queues_tx: dict[str, Sender[GenerationJob]] = {}
+        queues_rx: dict[str, Receiver[GenerationJob]] = {}
         for name in self.engines:
-            queue_tx, queue_rx = anyio.create_memory_object_stream[GenerationJob](size)
-            queues_tx[name] = queue_tx
-            gen_config = self._generator_configs[name]
-            tg.start_soon(
-                partial(
-                    generation.run,
-                    name,
-                    self.pool,
-                    queue_rx,
-                    results_tx.clone(),
-                    concurrency=gen_config.concurrency * gen_config.replicas,
-                    principles=cfg.principles,
-                    reroute=cfg.routing.on_generation_failure == "reroute",
-                ),
-                name=f"generation-{name}",
-            )
-        results_tx.close()
+            queues_tx[name], queues_rx[name] = open_channel[GenerationJob](size)
+        tg.start_soon(self._intake, prompts, prompts_tx, failures.clone(), name="intake")
         tg.start_soon(
             partial(
                 routing.run,
@@ -370,24 +350,42 @@ class Pipeline:
             name="routing",
         )
         if self.spool is None:
-            tg.start_soon(self._gather, results_rx, to_judge, failures.clone(), name="gather")
+            tg.start_soon(self._generate, queues_rx, to_judge, failures.clone(), name="generation")
             return
-        spool_tx, spool_rx = anyio.create_memory_object_stream[Joined](size)
-        tg.start_soon(self._gather, results_rx, spool_tx, failures.clone(), name="gather")
+        spool_tx, spool_rx = open_channel[Joined](size)
+        tg.start_soon(self._generate, queues_rx, spool_tx, failures.clone(), name="generation")
         tg.start_soon(self.spool.write, spool_rx, name="spool-writer")
         if self.mode == "generate":
             to_judge.close()
         else:
             tg.start_soon(self.spool.read, to_judge, name="spool-reader")
 
-    async def _gather(
+    async def _generate(
         self,
-        results: MemoryObjectReceiveStream[Generation | GenerationFailure],
-        joined: MemoryObjectSendStream[Joined],
-        failures: MemoryObjectSendStream[Failure],
+        queues: Mapping[str, Receiver[GenerationJob]],
+        joined: Sender[Joined],
+        failures: Sender[Failure],
     ) -> None:
-        """Gather, then free the generators at once: rating may go on for a long time."""
-        await gather.run(results, joined, failures, on_complete=self.pool.forget)
+        """Every engine's worker pool, joined by gather; then free the generators at once
+        (rating may go on for a long time)."""
+        cfg = self.config
+        async with gather.Gather(joined, failures, on_complete=self.pool.forget) as join:
+            async with anyio.create_task_group() as tg:
+                for name, queue in queues.items():
+                    gen_config = self._generator_configs[name]
+                    tg.start_soon(
+                        partial(
+                            generation.run,
+                            name,
+                            self.pool,
+                            queue,
+                            join,
+                            concurrency=gen_config.concurrency * gen_config.replicas,
+                            principles=cfg.principles,
+                            reroute=cfg.routing.on_generation_failure == "reroute",
+                        ),
+                        name=f"generation-{name}",
+                    )
         engines = list(self.engines.values())
         self._started_engines = [e for e in self._started_engines if e not in engines]
         with anyio.CancelScope(shield=True):
@@ -441,8 +439,8 @@ class Pipeline:
     async def _intake(
         self,
         prompts: Iterable[PromptInput] | AsyncIterable[PromptInput] | None,
-        out: MemoryObjectSendStream[Prompt],
-        failures: MemoryObjectSendStream[Failure],
+        out: Sender[Prompt],
+        failures: Sender[Failure],
     ) -> None:
         seen = IdSet()
         ordinal = 0
@@ -451,7 +449,8 @@ class Pipeline:
                 items = await self._open(prompts)
                 try:
                     async for item in items:
-                        await anyio.lowlevel.checkpoint_if_cancelled()
+                        if self._intake_scope.cancel_called:
+                            await anyio.lowlevel.checkpoint_if_cancelled()
                         if isinstance(item, SourceProblem):
                             where = f"{item.path}:{item.line}" if item.line else item.path
                             log.warning("skipping bad input at %s: %s", where, item.error)
@@ -483,14 +482,20 @@ class Pipeline:
                         if item.id in self.skip_ids or item.id in self.spooled_ids:
                             self._skipped += 1
                             continue
-                        # Shielded: a prompt taken from the source is handed on whole, so
-                        # stop_intake never loses one; if the run is torn down instead, the
-                        # receiver closes and the send ends with BrokenResourceError.
-                        with anyio.CancelScope(shield=True):
-                            try:
-                                await out.send(msgspec.structs.replace(item, index=ordinal))
-                            except anyio.BrokenResourceError:
-                                return
+                        prompt = msgspec.structs.replace(item, index=ordinal)
+                        try:
+                            out.send_nowait(prompt)
+                        except anyio.WouldBlock:
+                            # Shielded: a prompt taken from the source is handed on whole, so
+                            # stop_intake never loses one; if the run is torn down instead, the
+                            # receiver closes and the send ends with BrokenResourceError.
+                            with anyio.CancelScope(shield=True):
+                                try:
+                                    await out.send(prompt)
+                                except anyio.BrokenResourceError:
+                                    return
+                        except anyio.BrokenResourceError:
+                            return
                         self._read += 1
                 finally:
                     closer = getattr(items, "aclose", None)
@@ -507,7 +512,7 @@ class Pipeline:
             return await open_source(self.config.source)
         return _normalize(prompts, self.config.source.column, self.config.source.id_column)
 
-    async def _write_failures(self, failures: MemoryObjectReceiveStream[Failure]) -> None:
+    async def _write_failures(self, failures: Receiver[Failure]) -> None:
         writer = NdjsonWriter(self.failures_path)
         try:
             async with failures:

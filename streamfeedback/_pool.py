@@ -28,12 +28,13 @@ _FAILURE_SHARE = 0.75
 
 
 class _Health:
-    __slots__ = ("cooldowns", "recent", "until")
+    __slots__ = ("cooldowns", "last_error", "recent", "until")
 
     def __init__(self) -> None:
         self.recent: deque[bool] = deque(maxlen=_WINDOW)
         self.until = 0.0
         self.cooldowns = 0
+        self.last_error = ""
 
 
 class Pool:
@@ -56,11 +57,14 @@ class Pool:
         self._health = {name: _Health() for name in engines}
         self._claims: dict[str, set[str]] = {}
 
-    def record(self, name: str, ok: bool) -> None:
+    def record(self, name: str, ok: bool, error: str = "") -> None:
         """One request of `name` ended; a model failing most of its recent ones cools down."""
         health = self._health[name]
         health.recent.append(ok)
-        if ok or len(health.recent) < _MIN_SAMPLES:
+        if ok:
+            return
+        health.last_error = error
+        if len(health.recent) < _MIN_SAMPLES:
             return
         failures = health.recent.count(False)
         if failures / len(health.recent) >= _FAILURE_SHARE and not self.cooling(name):
@@ -76,6 +80,11 @@ class Pool:
 
     def cooling(self, name: str) -> bool:
         return self._clock() < self._health[name].until
+
+    def cooling_reason(self, name: str) -> str:
+        """Why `name` is out of routing, for the record of a prompt sent elsewhere instead."""
+        last = self._health[name].last_error
+        return f"cooling down after failing most recent requests (last: {last})"
 
     def cooldowns(self) -> dict[str, int]:
         """How often each model was taken out of routing (models never taken out omitted)."""

@@ -28,6 +28,15 @@ class BlockRating(msgspec.Struct, frozen=True, kw_only=True):
 
 _BOLD = r"(?:\*\*|__)"
 
+# An answer in exactly the layout the prompt asks for, one block at a time:
+# `#### Output for Text k` / `Rating: r` / `Rationale: one line`, blocks apart by a blank line.
+# Most judge answers are this tidy; `_read_tidy` reads them without the general machinery and
+# gives what the general reading would (a test holds the two to that).
+_TIDY_BLOCK = re.compile(
+    r"#### Output for Text ([1-9]\d{0,5})\nRating: ([1-5])\nRationale: ([^\s*_][^\n]*)"
+    r"(?:\n\n(?=#)|[ \t\n]*\Z)"
+)
+
 # A line that is only a block header: `#### Output for Text 2`, `**Output for Text 2:**`,
 # `### **Text 2**`, `Text 2:`. A bare `Text 2` line, without any of those marks, is not.
 _HEADER = re.compile(
@@ -105,6 +114,14 @@ def parse_answer(
         raise ValueError(f"n must be >= 0, got {n}")
     if "\r" in answer:
         answer = answer.replace("\r\n", "\n").replace("\r", "\n")
+    tidy = _read_tidy(answer, n)
+    if tidy is not None:
+        return tidy
+    return _read_general(answer, n, typed=typed, allows_na=allows_na)
+
+
+def _read_general(answer: str, n: int, *, typed: bool, allows_na: bool) -> list[BlockRating | None]:
+    """Any answer, however it wanders (`parse_answer` without the tidy shortcut)."""
     found: list[list[BlockRating]] = [[] for _ in range(n)]
     headers = [
         m for m in _HEADER.finditer(answer) if any(m.group("out", "hashes", "bold", "colon", "c2"))
@@ -124,6 +141,23 @@ def parse_answer(
         if block is not None:
             found[num - 1].append(block)
     return [_merge(blocks) for blocks in found]
+
+
+def _read_tidy(answer: str, n: int) -> list[BlockRating | None] | None:
+    """The blocks of a tidy answer, each text at most once; None if it is not that tidy."""
+    out: list[BlockRating | None] = [None] * n
+    pos, end = 0, len(answer)
+    match = _TIDY_BLOCK.match
+    while pos < end:
+        block = match(answer, pos)
+        if block is None:
+            return None
+        num = int(block.group(1))
+        if num > n or out[num - 1] is not None:
+            return None
+        out[num - 1] = BlockRating(rating=int(block.group(2)), rationale=_clean(block.group(3)))
+        pos = block.end()
+    return out if pos else None
 
 
 def _read_block(

@@ -47,10 +47,9 @@ import anyio.to_thread
 import msgspec
 import openai
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from openai.types import Batch
 
-from .._channels import iterate, send
+from .._channels import Receiver, Sender
 from .._config import api_key_env
 from .._exceptions import JudgeUnavailable
 from .._idset import IdSet
@@ -164,9 +163,9 @@ def pending_ids(state_path: str) -> IdSet:
 
 async def run(
     judge: Judge,
-    joined: MemoryObjectReceiveStream[Joined],
-    records: MemoryObjectSendStream[Record],
-    failures: MemoryObjectSendStream[Failure],
+    joined: Receiver[Joined],
+    records: Sender[Record],
+    failures: Sender[Failure],
     *,
     state_path: str,
     done: Container[str] = (),
@@ -291,8 +290,8 @@ class _BatchRater:
     def __init__(
         self,
         judge: Judge,
-        records: MemoryObjectSendStream[Record],
-        failures: MemoryObjectSendStream[Failure],
+        records: Sender[Record],
+        failures: Sender[Failure],
         state_path: str,
         done: Container[str],
         max_pending: int,
@@ -397,12 +396,12 @@ class _BatchRater:
 
     # -- collecting ----------------------------------------------------------------------
 
-    async def collect(self, joined: MemoryObjectReceiveStream[Joined], tg: TaskGroup) -> None:
+    async def collect(self, joined: Receiver[Joined], tg: TaskGroup) -> None:
         """Fill batch files from the input; submit each as it fills, idles or ends."""
         cfg = self.config
         async with anyio.create_task_group() as timers:
             timers.start_soon(self._flush_when_idle, tg)
-            async for item in iterate(joined):
+            async for item in joined:
                 self.last_input = time.monotonic()
                 pid = item.prompt.id
                 if pid in self.covered:
@@ -582,7 +581,7 @@ class _BatchRater:
                             continue
                         outcome = self._settle(entry, results)
                         if isinstance(outcome, Record):
-                            await send(self.records, outcome)
+                            await self.records.send(outcome)
                             emitted += 1
                         elif isinstance(outcome, str):
                             await self._fail(entry.joined, outcome)

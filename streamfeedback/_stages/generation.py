@@ -3,7 +3,8 @@
 Every job becomes its own `engine.generate` call as soon as a worker is free; up to
 `concurrency` calls are in flight per engine (continuous dispatch, never "send a batch,
 wait for the slowest"). A failed call is re-routed to a substitute model, or becomes a
-`GenerationFailure` for gather when no model is left.
+`GenerationFailure` for gather when no model is left. A job queued for a model that has
+since cooled down goes straight to a substitute instead of to a server known to be failing.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from __future__ import annotations
 import logging
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .._channels import iterate, send
+from .._channels import Outbox, Receiver
 from .._config import GeneratorConfig, PrinciplesConfig
 from .._exceptions import EngineError, EngineRequestError, EngineUnavailable
 from .._pool import Pool
@@ -57,14 +57,17 @@ def build_request(
 async def run(
     name: str,
     pool: Pool,
-    jobs: MemoryObjectReceiveStream[GenerationJob],
-    results: MemoryObjectSendStream[Generation | GenerationFailure],
+    jobs: Receiver[GenerationJob],
+    results: Outbox[Generation | GenerationFailure],
     *,
     concurrency: int,
     principles: PrinciplesConfig | None = None,
     reroute: bool = True,
 ) -> None:
-    """Serve `jobs` of model `name` with `concurrency` workers; closes `results` at the end.
+    """Serve `jobs` of model `name` with `concurrency` workers, each result to `results`.
+
+    `results` is shared by every engine's pool (gather's join table), so its owner closes it
+    once all pools are done; this closes only `jobs`.
 
     With `reroute`, a job the model fails for good goes to a substitute from `pool` that the
     prompt has not used yet, so the record still gets responses from distinct models.
@@ -86,7 +89,7 @@ async def run(
         except EngineError as exc:
             gauge.finished(failed=True)
             if not isinstance(exc, EngineRequestError):
-                pool.record(model, ok=False)
+                pool.record(model, ok=False, error=f"{type(exc).__name__}: {exc}")
             if isinstance(exc, EngineUnavailable) and model not in unavailable_logged:
                 unavailable_logged.add(model)
                 log.error("%s is unavailable: %s", model, exc)
@@ -98,15 +101,18 @@ async def run(
         pool.record(model, ok=True)
         return completion, principle
 
-    async def worker(
-        inbox: MemoryObjectReceiveStream[GenerationJob],
-        outbox: MemoryObjectSendStream[Generation | GenerationFailure],
-    ) -> None:
-        async with inbox, outbox:
-            async for job in iterate(inbox):
+    async def worker(inbox: Receiver[GenerationJob]) -> None:
+        async with inbox:
+            async for job in inbox:
                 model = name
                 errors: list[str] = []
                 while True:
+                    if reroute and pool.cooling(model):
+                        substitute = pool.substitute(job.prompt.id, job.models)
+                        if substitute is not None:
+                            errors.append(f"{model}: {pool.cooling_reason(model)}")
+                            model = substitute
+                            continue
                     try:
                         completion, principle = await attempt(job, model)
                     except EngineError as exc:
@@ -118,8 +124,7 @@ async def run(
                             )
                             model = substitute
                             continue
-                        await send(
-                            outbox,
+                        await results.send(
                             GenerationFailure(
                                 prompt=job.prompt,
                                 models=job.models,
@@ -130,8 +135,7 @@ async def run(
                             ),
                         )
                         break
-                    await send(
-                        outbox,
+                    await results.send(
                         Generation(
                             prompt=job.prompt,
                             models=job.models,
@@ -149,6 +153,6 @@ async def run(
                     )
                     break
 
-    async with jobs, results, anyio.create_task_group() as tg:
+    async with jobs, anyio.create_task_group() as tg:
         for i in range(concurrency):
-            tg.start_soon(worker, jobs.clone(), results.clone(), name=f"gen-{name}-{i}")
+            tg.start_soon(worker, jobs.clone(), name=f"gen-{name}-{i}")

@@ -9,9 +9,8 @@ from __future__ import annotations
 import logging
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .._channels import iterate, send
+from .._channels import Receiver, Sender
 from .._exceptions import JudgeError, JudgeUnavailable
 from .._judge.judge import Judge
 from .._records import Failure, Joined, Record
@@ -23,21 +22,21 @@ log = logging.getLogger("streamfeedback.rating")
 
 async def run(
     judge: Judge,
-    joined: MemoryObjectReceiveStream[Joined],
-    records: MemoryObjectSendStream[Record],
-    failures: MemoryObjectSendStream[Failure],
+    joined: Receiver[Joined],
+    records: Sender[Record],
+    failures: Sender[Failure],
     *,
     concurrency: int,
 ) -> None:
     """Rate everything from `joined`; closes `records` and `failures` at the end."""
 
     async def worker(
-        inbox: MemoryObjectReceiveStream[Joined],
-        outbox: MemoryObjectSendStream[Record],
-        failed: MemoryObjectSendStream[Failure],
+        inbox: Receiver[Joined],
+        outbox: Sender[Record],
+        failed: Sender[Failure],
     ) -> None:
         async with inbox, outbox, failed:
-            async for item in iterate(inbox):
+            async for item in inbox:
                 try:
                     record = await judge.rate(item)
                 except JudgeUnavailable:
@@ -54,7 +53,7 @@ async def run(
                         )
                     )
                     continue
-                await send(outbox, record)
+                await outbox.send(record)
 
     async with joined, records, failures, anyio.create_task_group() as tg:
         for i in range(concurrency):

@@ -11,9 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-
-from .._channels import iterate, send
+from .._channels import Receiver, Sender
 from .._records import GenerationJob, Prompt
 
 __all__ = ["models_for_batch", "run"]
@@ -25,8 +23,8 @@ def models_for_batch(pool: Sequence[str], *, n: int, seed: int, batch: int) -> t
 
 
 async def run(
-    prompts: MemoryObjectReceiveStream[Prompt],
-    queues: Mapping[str, MemoryObjectSendStream[GenerationJob]],
+    prompts: Receiver[Prompt],
+    queues: Mapping[str, Sender[GenerationJob]],
     *,
     n: int,
     batch_size: int,
@@ -43,7 +41,7 @@ async def run(
     models: tuple[str, ...] = ()
     try:
         async with prompts:
-            async for prompt in iterate(prompts):
+            async for prompt in prompts:
                 batch = (prompt.index - 1) // batch_size
                 if batch != current_batch:
                     current_batch = batch
@@ -51,7 +49,7 @@ async def run(
                     models = models_for_batch(pool, n=n, seed=seed, batch=batch)
                 for slot, model in enumerate(models):
                     job = GenerationJob(prompt=prompt, models=models, slot=slot)
-                    await send(queues[model], job)
+                    await queues[model].send(job)
     finally:
         for queue in queues.values():
             await queue.aclose()

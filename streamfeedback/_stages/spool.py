@@ -25,9 +25,8 @@ from typing import BinaryIO
 import anyio
 import anyio.to_thread
 import msgspec
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .._channels import iterate, send
+from .._channels import Receiver, Sender
 from .._exceptions import SinkError, SourceError
 from .._idset import IdSet
 from .._records import Generation, Joined, Prompt
@@ -161,7 +160,7 @@ class Spool:
         self.read_from_file = 0
         self.read_from_memory = 0
 
-    async def write(self, joined: MemoryObjectReceiveStream[Joined], *, batch: int = 256) -> None:
+    async def write(self, joined: Receiver[Joined], *, batch: int = 256) -> None:
         """Append everything from `joined`; batches what is already waiting into one write."""
         parent = os.path.dirname(self.path)
         if parent:
@@ -175,7 +174,7 @@ class Spool:
         buf = bytearray()
         try:
             async with joined:
-                async for first in iterate(joined):
+                async for first in joined:
                     items = [first]
                     while len(items) < batch:
                         try:
@@ -223,7 +222,7 @@ class Spool:
         self._grew.set()
         self._grew = anyio.Event()
 
-    async def read(self, out: MemoryObjectSendStream[Joined]) -> None:
+    async def read(self, out: Sender[Joined]) -> None:
         """Feed the judge from the start of the file, following the writer; closes `out`."""
         seen = IdSet()
         cursor = 0
@@ -242,7 +241,7 @@ class Spool:
                         cursor += size
                         self.read_from_memory += 1
                         if self._fresh(joined.prompt.id, seen, cursor - size):
-                            await send(out, joined)
+                            await out.send(joined)
                         continue
                     if fh is None:
                         fh = await anyio.to_thread.run_sync(open, self.path, "rb")
@@ -257,7 +256,7 @@ class Spool:
                             continue
                         self.read_from_file += 1
                         if self._fresh(entry.id, seen, cursor - size):
-                            await send(out, entry.to_joined())
+                            await out.send(entry.to_joined())
                     for stale in [k for k in self._cache if k < cursor]:
                         del self._cache[stale]
         finally:

@@ -11,6 +11,7 @@ answers in the UltraFeedback output format, so the real parser runs on every sim
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import time
@@ -131,14 +132,16 @@ class SimLLMEngine:
 
 _WORD_CYCLE = _WORDS * (1 + 65536 // len(_WORDS))
 
-_TEXT_MARK = re.compile(r"^<text (\d+)>[ \t]?", re.M)
+_TEXT_MARK = re.compile(r"<text (\d+)>[ \t]?")  # only at a line start: see _judge_answer
 
 
 def _judge_answer(prompt: str) -> str:
     """Rate each `<text k>` of the prompt's input section, in the UltraFeedback layout."""
-    _, _, inputs = prompt.rpartition("\nTexts:\n")
-    marks = list(_TEXT_MARK.finditer(inputs))
-    typed = "\nType:" in prompt
+    head, _, inputs = prompt.rpartition("\nTexts:\n")
+    marks = [
+        m for m in _TEXT_MARK.finditer(inputs) if not m.start() or inputs[m.start() - 1] == "\n"
+    ]
+    typed = "\nType:" in head
     blocks = []
     for i, mark in enumerate(marks):
         end = marks[i + 1].start() if i + 1 < len(marks) else len(inputs)
@@ -194,8 +197,8 @@ class SimEngine:
         )
         started = time.perf_counter()
         final: SimRequestOutput | None = None
-        if self.core.instant:  # no latency model: skip the stream, keep one checkpoint
-            await anyio.lowlevel.checkpoint()
+        if self.core.instant:  # no latency model: skip the stream, keep one loop trip
+            await asyncio.sleep(0)
             final = self.core.complete(prompt, params, request.id)
         else:
             stream = self.core.generate(prompt, params, request.id)

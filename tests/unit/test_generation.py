@@ -43,7 +43,8 @@ async def test_dispatch_is_continuous_up_to_the_concurrency_bound() -> None:
                 await anyio.wait_all_tasks_blocked()
                 assert engine.in_flight == 40, "every job is in flight before any finishes"
                 release.set()
-            async with out_rx:
+        out_tx.close()
+        async with out_rx:
                 results = [r async for r in out_rx]
     assert len(results) == 40
     failures = [r for r in results if isinstance(r, GenerationFailure)]

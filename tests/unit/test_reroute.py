@@ -35,7 +35,7 @@ async def test_a_failing_model_is_substituted_and_cools_down(tmp_path: Path) -> 
     async with Pipeline(config, engines=engines, failures_path=str(tmp_path / "f")) as pipeline:
         records = [r async for r in pipeline.run([f"q{i}" for i in range(200)])]
     assert len(records) == 200
-    substituted = 0
+    substituted = cooled = 0
     for r in records:
         assert len(set(r.generation_models)) == 3 and "charlie" not in r.generation_models
         assert all(
@@ -45,7 +45,10 @@ async def test_a_failing_model_is_substituted_and_cools_down(tmp_path: Path) -> 
             substituted += 1
             assert sub.failed_model == "charlie" and "server is gone" in sub.error
             assert r.generation_models[sub.slot] == sub.model
+            cooled += "cooling down" in sub.error
     assert substituted > 0
+    assert cooled > 0, "jobs queued for charlie after it cooled down went elsewhere unasked"
+    assert cooled + len(engines["charlie"].requests) == substituted
     assert pipeline.pool.cooldowns() == {"charlie": 1}
     asked = len(engines["charlie"].requests)
     assert asked < 40, f"charlie should leave routing once it cools down, was asked {asked}x"
