@@ -98,17 +98,21 @@ class SimLLMEngine:
     def instant(self) -> bool:
         return self.ttft <= 0 and self.tpot <= 0
 
+    def answer(
+        self, prompt: str, sampling_params: SimSamplingParams, request_id: str
+    ) -> tuple[str, int, str]:
+        """(text, completion tokens, finish reason) of a request: what `complete` reports."""
+        if self.role == "judge":
+            text = _judge_answer(prompt)
+            return text, min(text.count(" ") + 1, sampling_params.max_tokens), "stop"
+        n_tokens, finish = self._length(request_id, sampling_params)
+        return self._response(prompt, n_tokens), n_tokens, finish
+
     def complete(
         self, prompt: str, sampling_params: SimSamplingParams, request_id: str
     ) -> SimRequestOutput:
         """The finished output for a request, without the wait (the latency model's part)."""
-        if self.role == "judge":
-            text = _judge_answer(prompt)
-            n_tokens = min(text.count(" ") + 1, sampling_params.max_tokens)
-            finish = "stop"
-        else:
-            n_tokens, finish = self._length(request_id, sampling_params)
-            text = self._response(prompt, n_tokens)
+        text, n_tokens, finish = self.answer(prompt, sampling_params, request_id)
         return SimRequestOutput(
             request_id=request_id,
             prompt_token_ids=range(max(1, len(prompt) // 4)),
@@ -196,15 +200,21 @@ class SimEngine:
             seed=request.seed,
         )
         started = time.perf_counter()
-        final: SimRequestOutput | None = None
         if self.core.instant:  # no latency model: skip the stream, keep one loop trip
             await asyncio.sleep(0)
-            final = self.core.complete(prompt, params, request.id)
-        else:
-            stream = self.core.generate(prompt, params, request.id)
-            async with contextlib.aclosing(stream):  # type: ignore[type-var]
-                async for output in stream:
-                    final = output
+            text, n_tokens, finish = self.core.answer(prompt, params, request.id)
+            return Completion(
+                text=text,
+                prompt_tokens=max(1, len(prompt) // 4),
+                completion_tokens=n_tokens,
+                finish_reason=finish,
+                latency_s=time.perf_counter() - started,
+            )
+        final: SimRequestOutput | None = None
+        stream = self.core.generate(prompt, params, request.id)
+        async with contextlib.aclosing(stream):  # type: ignore[type-var]
+            async for output in stream:
+                final = output
         assert final is not None
         out = final.outputs[0]
         return Completion(

@@ -24,6 +24,7 @@ from streamfeedback import (
     RaterConfig,
     Record,
 )
+from streamfeedback._channels import open_channel
 from streamfeedback._judge.judge import Judge, custom_id, merge_blocks, split_custom_id
 from streamfeedback._judge.parser import BlockRating
 from streamfeedback._stages import batch_rating
@@ -99,16 +100,19 @@ async def _rate(
     max_pending: int = batch_rating.MAX_PENDING,
     gap: float = 0.0,
 ) -> tuple[list[Record], list[Failure]]:
-    joined_tx, joined_rx = anyio.create_memory_object_stream[Joined](4)
-    records_tx, records_rx = anyio.create_memory_object_stream[Record](4)
-    failures_tx, failures_rx = anyio.create_memory_object_stream[Failure](4)
+    joined_tx, joined_rx = open_channel[Joined](4)
+    records_tx, records_rx = open_channel[Record](4)
+    failures_tx, failures_rx = open_channel[Failure](4)
     records: list[Record] = []
     failures: list[Failure] = []
 
     async def feed() -> None:
         async with joined_tx:
             for item in items:
-                await joined_tx.send(item)
+                try:
+                    await joined_tx.send(item)
+                except anyio.BrokenResourceError:
+                    return  # the rater died; its own error is the one to report
                 if gap:
                     await anyio.sleep(gap)
 

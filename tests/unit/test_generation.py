@@ -45,7 +45,7 @@ async def test_dispatch_is_continuous_up_to_the_concurrency_bound() -> None:
                 release.set()
         out_tx.close()
         async with out_rx:
-                results = [r async for r in out_rx]
+            results = [r async for r in out_rx]
     assert len(results) == 40
     failures = [r for r in results if isinstance(r, GenerationFailure)]
     assert [f.prompt.id for f in failures] == ["p3"]

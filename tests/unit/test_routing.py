@@ -5,6 +5,7 @@ from collections import Counter
 import anyio
 
 from streamfeedback import GenerationJob, Prompt
+from streamfeedback._channels import open_channel
 from streamfeedback._stages import routing
 from streamfeedback._stages.routing import models_for_batch
 
@@ -14,8 +15,8 @@ POOL = ["a", "b", "c", "d", "e", "f"]
 async def _route(
     prompts: list[Prompt], *, n: int = 3, batch_size: int = 2, seed: int = 0
 ) -> dict[str, list[GenerationJob]]:
-    prompts_tx, prompts_rx = anyio.create_memory_object_stream[Prompt](len(prompts))
-    queues = {name: anyio.create_memory_object_stream[GenerationJob](1000) for name in POOL}
+    prompts_tx, prompts_rx = open_channel[Prompt](len(prompts))
+    queues = {name: open_channel[GenerationJob](1000) for name in POOL}
     for p in prompts:
         prompts_tx.send_nowait(p)
     prompts_tx.close()

@@ -2,9 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import anyio
-
 from streamfeedback import Failure
+from streamfeedback._channels import open_channel
 from streamfeedback._stages.sink import NdjsonWriter, drain, read_done_ids
 
 
@@ -13,7 +12,7 @@ async def test_writer_appends_whole_lines(tmp_path: Path) -> None:
     async with NdjsonWriter(str(path)) as writer:
         await writer.write_many([Failure(id="a", stage="s", error="e")])
     async with NdjsonWriter(str(path)) as writer:
-        tx, rx = anyio.create_memory_object_stream[Failure](10)
+        tx, rx = open_channel[Failure](10)
         for i in range(5):
             tx.send_nowait(Failure(id=f"b{i}", stage="s", error="e"))
         tx.close()

@@ -7,6 +7,7 @@ import msgspec
 import pytest
 
 from streamfeedback import Generation, Joined, Pipeline, Prompt
+from streamfeedback._channels import open_channel
 from streamfeedback._idset import IdSet
 from streamfeedback._stages.spool import Spool, SpoolEntry, read_spool, scan_spool
 from streamfeedback.engines import SimEngine
@@ -36,8 +37,8 @@ def _joined(i: int) -> Joined:
 
 
 async def _through(spool: Spool, items: list[Joined], *, reader_delay: float = 0.0) -> list[Joined]:
-    in_tx, in_rx = anyio.create_memory_object_stream[Joined](4)
-    out_tx, out_rx = anyio.create_memory_object_stream[Joined](0)
+    in_tx, in_rx = open_channel[Joined](4)
+    out_tx, out_rx = open_channel[Joined](0)
     got: list[Joined] = []
 
     async def consume() -> None:
@@ -95,7 +96,7 @@ async def test_resume_skips_done_ids_and_repairs_a_torn_line(tmp_path: Path) -> 
     done.add("p1")
     rerun = Spool(str(path), done=done)
     rerun.finish()
-    out_tx, out_rx = anyio.create_memory_object_stream[Joined](10)
+    out_tx, out_rx = open_channel[Joined](10)
     await rerun.read(out_tx)
     async with out_rx:
         assert [j.prompt.id async for j in out_rx] == ["p0", "p2", "p3", "p4"]
@@ -131,7 +132,7 @@ async def test_an_id_repeated_by_earlier_runs_is_rated_once(tmp_path: Path) -> N
     path.write_bytes(line + line + msgspec.json.encode(SpoolEntry.from_joined(_joined(2))) + b"\n")
     spool = Spool(str(path))
     spool.finish()
-    out_tx, out_rx = anyio.create_memory_object_stream[Joined](10)
+    out_tx, out_rx = open_channel[Joined](10)
     await spool.read(out_tx)
     async with out_rx:
         assert [j.prompt.id async for j in out_rx] == ["p1", "p2"]
