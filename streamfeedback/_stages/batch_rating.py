@@ -26,8 +26,12 @@ output), and removes a batch from the state only after its records are emitted.
                   "input_file_id": "file-xyz", "prompts": 7, "requests": 7, "attempt": 1,
                   "submitted_at": 1718000000.0}]}
 
-A crash between creating a batch and recording it leaves that batch orphaned on the server
-(its prompts are redone); nothing is lost and nothing is emitted twice.
+A batch is recorded before it is created: once its file is uploaded, its entry is saved with
+an empty `id`, and the id is filled in when the create call answers. A run that finds an entry
+without an id (the last one died in between) looks for the batch on the server (by the
+sidecar name in its metadata, or its input file) and resumes it; if there is none, it creates
+it from the uploaded file. Only if that file is gone are the entry's prompts rated again.
+So a crash at any point neither orphans a paid batch nor submits the same prompts twice.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ _READ_CHUNK = 1000
 _RERUN = " (submitted batches are kept in the state file: rerun to resume them)"
 _SIDECAR = ".joined.ndjson"
 _REQUESTS = ".requests.jsonl"
+_FIND_SLACK_S = 600.0  # how far before its entry a batch may look created (clock skew)
 
 T = TypeVar("T")
 
@@ -89,7 +94,8 @@ class _Entry(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class _Pending(msgspec.Struct, kw_only=True):
-    """A submitted batch whose records are not emitted yet."""
+    """A submitted batch whose records are not emitted yet; `id` is "" until its create call
+    has answered. The sidecar name identifies the entry (and goes into the batch's metadata)."""
 
     id: str
     sidecar: str
@@ -332,9 +338,11 @@ class _BatchRater:
             timeout=self.config.timeout,
         )
         await anyio.to_thread.run_sync(self._load)
+        await self._resolve()
+        await anyio.to_thread.run_sync(self._cover)
 
     def _load(self) -> None:
-        """Read the state file, note what its batches cover, and drop stray files."""
+        """Read the state file, dropping batches whose prompts file is gone."""
         if self.state_path.exists():
             try:
                 self.state = msgspec.json.decode(self.state_path.read_bytes(), type=_State)
@@ -359,10 +367,13 @@ class _BatchRater:
                 pending.prompts,
             )
         if missing:
-            gone = {p.id for p in missing}
+            gone = {p.sidecar for p in missing}
             self.state = msgspec.structs.replace(
-                self.state, batches=[p for p in self.state.batches if p.id not in gone]
+                self.state, batches=[p for p in self.state.batches if p.sidecar not in gone]
             )
+
+    def _cover(self) -> None:
+        """Note the prompts the batches cover, and drop stray files."""
         decoder = msgspec.json.Decoder(_EntryId)
         for pending in self.state.batches:
             with (self.folder / pending.sidecar).open("rb") as fh:
@@ -485,28 +496,19 @@ class _BatchRater:
             self.slots.give()
 
     async def _submit(self, builder: _Builder, *, replaces: _Pending | None) -> _Pending:
-        """Upload the file, create the batch, then record it (replacing `replaces`)."""
+        """Upload the file, record the batch-to-be (replacing `replaces`), then create it."""
         client = self._require_client()
         await anyio.to_thread.run_sync(builder.close)
         try:
             upload = await self._api(
                 "POST /files", client.files.create(file=builder.requests_path, purpose="batch")
             )
-            batch = await self._api(
-                "POST /batches",
-                client.batches.create(
-                    input_file_id=upload.id,
-                    endpoint=_ENDPOINT,
-                    completion_window=cast("Literal['24h']", self.config.batch_completion_window),
-                    metadata={"source": "streamfeedback"},
-                ),
-            )
         except BaseException:
             builder.discard()
             raise
         builder.requests_path.unlink(missing_ok=True)
-        pending = _Pending(
-            id=batch.id,
+        creating = _Pending(
+            id="",
             sidecar=builder.sidecar,
             input_file_id=upload.id,
             prompts=builder.prompts,
@@ -514,15 +516,81 @@ class _BatchRater:
             attempt=builder.attempt,
             submitted_at=time.time(),
         )
-        await self._save(add=pending, remove=replaces)
+        await self._save(add=creating, remove=replaces)
+        return await self._create(creating)
+
+    async def _create(self, creating: _Pending) -> _Pending:
+        """Create the batch of a recorded, uploaded file; record its id."""
+        client = self._require_client()
+        batch = await self._api(
+            "POST /batches",
+            client.batches.create(
+                input_file_id=creating.input_file_id,
+                endpoint=_ENDPOINT,
+                completion_window=cast("Literal['24h']", self.config.batch_completion_window),
+                metadata={"source": "streamfeedback", "sidecar": creating.sidecar},
+            ),
+        )
+        pending = msgspec.structs.replace(creating, id=batch.id)
+        await self._save(add=pending, remove=creating, keep_sidecar=True)
         log.info(
             "batch %s submitted: %d requests for %d prompts%s",
             batch.id,
-            builder.requests,
-            builder.prompts,
-            f" (re-asks, attempt {builder.attempt})" if builder.attempt > 1 else "",
+            pending.requests,
+            pending.prompts,
+            f" (re-asks, attempt {pending.attempt})" if pending.attempt > 1 else "",
         )
         return pending
+
+    async def _resolve(self) -> None:
+        """Entries the last run saved but never heard back about: adopt the batch the server
+        made for them, else create it now; drop one only if its uploaded file is gone."""
+        for creating in [p for p in self.state.batches if not p.id]:
+            found = await self._find(creating)
+            if found is not None:
+                pending = msgspec.structs.replace(creating, id=found.id)
+                await self._save(add=pending, remove=creating, keep_sidecar=True)
+                log.warning(
+                    "batch %s was created just before the last run stopped; resuming it",
+                    found.id,
+                )
+                continue
+            try:
+                await self._create(creating)
+            except JudgeUnavailable as exc:
+                if not isinstance(exc.__cause__, (openai.BadRequestError, openai.NotFoundError)):
+                    raise
+                log.warning(
+                    "the uploaded file %s of an unsubmitted batch cannot be used (%s); "
+                    "its %d prompts will be rated again",
+                    creating.input_file_id,
+                    exc,
+                    creating.prompts,
+                )
+                await self._save(add=None, remove=creating)
+
+    async def _find(self, creating: _Pending) -> Batch | None:
+        """The server's batch for an entry, by metadata or input file; pages back only to
+        shortly before the entry was saved (the list is newest first)."""
+        client = self._require_client()
+        since = creating.submitted_at - _FIND_SLACK_S
+        after: str | None = None
+        while True:
+            page = await self._api(
+                "GET /batches",
+                client.batches.list(limit=100, after=after)
+                if after
+                else client.batches.list(limit=100),
+            )
+            for batch in page.data:
+                sidecar = (batch.metadata or {}).get("sidecar")
+                if sidecar == creating.sidecar or batch.input_file_id == creating.input_file_id:
+                    return batch
+                if batch.created_at < since:
+                    return None
+            if not page.has_more or not page.data:
+                return None
+            after = page.data[-1].id
 
     async def _wait(self, pending: _Pending) -> Batch:
         """Poll until the batch ends; passing API errors are logged and polled through."""
@@ -740,7 +808,9 @@ class _BatchRater:
     ) -> None:
         """Change the batch list and write it atomically; drop a removed batch's sidecar."""
         async with self._state_lock:
-            batches = [b for b in self.state.batches if remove is None or b.id != remove.id]
+            batches = [
+                b for b in self.state.batches if remove is None or b.sidecar != remove.sidecar
+            ]
             if add is not None:
                 batches.append(add)
             self.state = _State(base_url=self.base_url, batches=batches)

@@ -36,6 +36,7 @@ import re
 import signal
 import sys
 import time
+import urllib.parse
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -99,6 +100,7 @@ class Request(msgspec.Struct, frozen=True, kw_only=True):
     headers: dict[str, str]
     body: Any = None
     model: str | None = None
+    query: dict[str, str] = {}
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -262,6 +264,9 @@ class OpenAIServer:
     the handler answered. A batch stays `validating` for `batch_delay` seconds (read while it
     waits, so a test may change it), is answered, stays `in_progress` as long again, then is
     `completed`. With `expire_after = k`, a batch answers k lines and then `expired`.
+    `GET /v1/batches` lists batches newest first (`limit`, `after`). With `create_hold = s`,
+    `POST /v1/batches` creates the batch, then waits `s` seconds before it answers: a client
+    that dies meanwhile has a batch on the server it never heard of.
     """
 
     def __init__(
@@ -274,11 +279,13 @@ class OpenAIServer:
         api_key: str | None = None,
         batch_delay: float = 0.0,
         expire_after: int | None = None,
+        create_hold: float = 0.0,
     ) -> None:
         self.handler = handler
         self.api_key = api_key
         self.batch_delay = batch_delay
         self.expire_after = expire_after
+        self.create_hold = create_hold
         self.files: dict[str, StoredFile] = {}
         self.batches: dict[str, StoredBatch] = {}
         self.batch_requests: list[Request] = []
@@ -365,7 +372,7 @@ class OpenAIServer:
         raw_body = await conn.receive_exactly(length) if length else b""
         connection = headers.get("connection", "").lower()
         keep_alive = connection != "close" and (version == "HTTP/1.1" or connection == "keep-alive")
-        path = target.split("?", 1)[0]
+        path, _, query = target.partition("?")
         body: Any = None
         if raw_body:
             try:
@@ -380,6 +387,7 @@ class OpenAIServer:
             headers=headers,
             body=body,
             model=model if isinstance(model, str) else None,
+            query=dict(urllib.parse.parse_qsl(query)),
         )
         self.requests.append(request)
         status, payload, extra = await self._dispatch(request, raw_body)
@@ -400,7 +408,10 @@ class OpenAIServer:
             return self._files(request, raw_body, files.group("id"), bool(files.group("content")))
         batches = _BATCH_ROUTE.fullmatch(path)
         if batches is not None:
-            return self._batches(request, batches.group("id"), bool(batches.group("cancel")))
+            answer = self._batches(request, batches.group("id"), bool(batches.group("cancel")))
+            if self.create_hold > 0 and request.method == "POST" and batches.group("id") is None:
+                await anyio.sleep(self.create_hold)
+            return answer
         if path.endswith("/models"):
             if request.method != "GET":
                 return _error(405, "use GET")
@@ -507,8 +518,10 @@ class OpenAIServer:
         self, request: Request, batch_id: str | None, cancel: bool
     ) -> tuple[int, bytes, dict[str, str]]:
         if batch_id is None:
+            if request.method == "GET":
+                return self._list_batches(request)
             if request.method != "POST":
-                return _error(405, "use POST to create a batch")
+                return _error(405, "use GET to list batches or POST to create one")
             return self._create_batch(request)
         batch = self.batches.get(batch_id)
         if batch is None:
@@ -522,6 +535,28 @@ class OpenAIServer:
         elif request.method != "GET":
             return _error(405, "use GET")
         return 200, msgspec.json.encode(batch.to_json()), {}
+
+    def _list_batches(self, request: Request) -> tuple[int, bytes, dict[str, str]]:
+        try:
+            limit = max(1, min(100, int(request.query.get("limit", "20"))))
+        except ValueError:
+            return _error(400, "limit must be an integer")
+        newest_first = list(self.batches.values())[::-1]  # kept in creation order
+        after = request.query.get("after")
+        if after is not None:
+            ids = [b.id for b in newest_first]
+            if after not in ids:
+                return _error(400, f"No batch found with id '{after}'.")
+            newest_first = newest_first[ids.index(after) + 1 :]
+        page = newest_first[:limit]
+        body = {
+            "object": "list",
+            "data": [b.to_json() for b in page],
+            "first_id": page[0].id if page else None,
+            "last_id": page[-1].id if page else None,
+            "has_more": len(newest_first) > limit,
+        }
+        return 200, msgspec.json.encode(body), {}
 
     def _create_batch(self, request: Request) -> tuple[int, bytes, dict[str, str]]:
         body = request.body if isinstance(request.body, dict) else {}

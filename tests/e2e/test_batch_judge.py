@@ -55,10 +55,10 @@ def _env() -> dict[str, str]:
 
 
 def _pending_prompts(folder: Path) -> int:
-    """Prompts in the submitted batches of the run's state file (none before it exists)."""
+    """Prompts in the created batches of the run's state file (none before it exists)."""
     total = 0
     for state in folder.glob("*.batches.json"):
-        total += sum(p["prompts"] for p in json.loads(state.read_text())["batches"])
+        total += sum(p["prompts"] for p in json.loads(state.read_text())["batches"] if p["id"])
     return total
 
 
@@ -141,4 +141,37 @@ async def test_a_crashed_batch_run_resumes_its_batches(tmp_path: Path) -> None:
             assert rating is None or rating == rating_for(text)
     assert "resuming" in result.stderr.decode()
     assert _pending_prompts(tmp_path) == 0
+    _assert_key_nowhere(tmp_path, result.stdout, result.stderr)
+
+
+async def test_a_run_killed_while_creating_a_batch_adopts_it_on_rerun(tmp_path: Path) -> None:
+    """kill -9 after the server made a batch but before the client heard of it: the rerun
+    finds that batch and resumes it; nothing is paid for twice, nothing is missing."""
+    judge = judge_handler(untidy=0.2, broken=0.0, seed=9)
+    async with OpenAIServer(judge, api_key=KEY, batch_delay=0.02, create_hold=600) as server:
+        config = _config(tmp_path, server.base_url, 5)
+        out = tmp_path / "out.ndjson"
+        with anyio.fail_after(60):
+            async with await anyio.open_process(
+                _command(config, out), env=_env(), cwd=tmp_path
+            ) as process:
+                while True:
+                    if server.batches:
+                        break
+                    await anyio.sleep(0.02)
+                process.send_signal(signal.SIGKILL)
+                await process.wait()
+        made = list(server.batches)
+        server.create_hold = 0
+        with anyio.fail_after(60):
+            result = await anyio.run_process(
+                _command(config, out), env=_env(), cwd=tmp_path, check=False
+            )
+        assert result.returncode == 0, result.stderr.decode()
+        assert list(server.batches)[: len(made)] == made
+        inputs = [b.input_file_id for b in server.batches.values()]
+        assert len(inputs) == len(set(inputs)), "no uploaded file was submitted twice"
+    records = decode_lines(out.read_bytes())
+    assert sorted(r.id for r in records) == [f"q{i:03d}" for i in range(5)]
+    assert "created just before the last run stopped" in result.stderr.decode()
     _assert_key_nowhere(tmp_path, result.stdout, result.stderr)

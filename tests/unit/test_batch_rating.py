@@ -157,8 +157,9 @@ def _batch_lines(server: OpenAIServer) -> list[list[dict[str, Any]]]:
 
 
 async def _until_submitted(state: Path) -> None:
+    """Until the state file records a created batch (an entry with its id)."""
     while True:
-        if state.exists() and json.loads(state.read_text())["batches"]:
+        if state.exists() and any(b["id"] for b in json.loads(state.read_text())["batches"]):
             return
         await anyio.sleep(0.01)
 
@@ -466,3 +467,89 @@ async def test_pending_batches_are_bounded(tmp_path: Path) -> None:
     assert len(server.batches) >= 6
     assert all(b.total <= 2 for b in server.batches.values())
     assert peak <= 2
+
+
+# -- a crash between recording a batch and hearing back from its create call ---------------
+
+
+def _state_entries(state: Path) -> list[dict[str, Any]]:
+    return list(json.loads(state.read_text())["batches"]) if state.exists() else []
+
+
+async def _die_while_creating(server: OpenAIServer, state: Path, items: list[Joined]) -> None:
+    """Run the rater until it has recorded a batch-to-be and asked for it, then stop it dead
+    (cancelled while the server holds its answer to POST /batches)."""
+    server.create_hold = 30
+    with anyio.move_on_after(20):
+        async with anyio.create_task_group() as tg:
+
+            async def stop_once_asked() -> None:
+                while True:
+                    if _state_entries(state) and any(
+                        r.method == "POST" and r.path.endswith("/batches") for r in server.requests
+                    ):
+                        break
+                    await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stop_once_asked)
+            await _rate(_judge(_rater(server.base_url)), items, state)
+    server.create_hold = 0
+    assert [e["id"] for e in _state_entries(state)] == [""], "recorded, never heard back"
+
+
+async def test_a_batch_created_as_the_run_died_is_adopted_not_submitted_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "state.json"
+    items = [_joined(i) for i in range(5)]
+    async with OpenAIServer(judge_handler(untidy=0.3, broken=0.0)) as server:
+        await _die_while_creating(server, state, items)
+        assert len(server.batches) == 1, "the server made the batch the client never heard of"
+        (orphan,) = server.batches
+        inputs = [f.id for f in server.files.values() if f.purpose == "batch"]
+        with caplog.at_level(logging.WARNING, "streamfeedback"):
+            records, failures = await _rate(_judge(_rater(server.base_url)), items, state)
+        assert list(server.batches) == [orphan], "adopted, not submitted again"
+        assert [f.id for f in server.files.values() if f.purpose == "batch"] == inputs
+    assert failures == []
+    assert sorted(r.id for r in records) == [j.prompt.id for j in items]
+    _check_ratings(records)
+    assert f"batch {orphan} was created just before the last run stopped" in caplog.text
+    assert _state_entries(state) == []
+
+
+async def test_a_batch_recorded_but_never_created_is_created_from_its_uploaded_file(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state.json"
+    items = [_joined(i) for i in range(4)]
+    async with OpenAIServer(judge_handler(untidy=0.0, broken=0.0)) as server:
+        await _die_while_creating(server, state, items)
+        server.batches.clear()  # as if the create call never reached the server
+        (entry,) = _state_entries(state)
+        records, failures = await _rate(_judge(_rater(server.base_url)), items, state)
+        assert [b.input_file_id for b in server.batches.values()] == [entry["input_file_id"]]
+        (batch,) = server.batches.values()
+        assert batch.metadata == {"source": "streamfeedback", "sidecar": entry["sidecar"]}
+    assert failures == []
+    assert sorted(r.id for r in records) == [j.prompt.id for j in items]
+
+
+async def test_an_unsubmitted_batch_whose_file_is_gone_is_rated_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "state.json"
+    items = [_joined(i) for i in range(4)]
+    async with OpenAIServer(judge_handler(untidy=0.0, broken=0.0)) as server:
+        await _die_while_creating(server, state, items)
+        server.batches.clear()
+        (entry,) = _state_entries(state)
+        del server.files[entry["input_file_id"]]  # expired meanwhile
+        with caplog.at_level(logging.WARNING, "streamfeedback"):
+            records, failures = await _rate(_judge(_rater(server.base_url)), items, state)
+        assert len(server.batches) == 1
+        assert next(iter(server.batches.values())).input_file_id != entry["input_file_id"]
+    assert failures == []
+    assert sorted(r.id for r in records) == [j.prompt.id for j in items]
+    assert "its 4 prompts will be rated again" in caplog.text

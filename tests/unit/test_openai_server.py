@@ -356,3 +356,32 @@ async def test_api_key_guards_every_route() -> None:
                 model="m", messages=[{"role": "user", "content": "hi"}]
             )
             assert reply.choices[0].message.content
+
+
+async def test_batches_are_listed_newest_first_page_by_page(tmp_path: Any) -> None:
+    import openai
+
+    async with OpenAIServer(echo_handler(), batch_delay=60) as server:
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+        async with client:
+            path = tmp_path / "in.jsonl"
+            path.write_bytes(_batch_file(_line("a", "hello")))
+            upload = await client.files.create(file=path, purpose="batch")
+            made = [
+                (
+                    await client.batches.create(
+                        input_file_id=upload.id,
+                        endpoint="/v1/chat/completions",
+                        completion_window="24h",
+                        metadata={"n": str(i)},
+                    )
+                ).id
+                for i in range(5)
+            ]
+            first = await client.batches.list(limit=2)
+            assert [b.id for b in first.data] == made[::-1][:2] and first.has_more
+            rest = await client.batches.list(limit=10, after=first.data[-1].id)
+            assert [b.id for b in rest.data] == made[::-1][2:] and not rest.has_more
+            assert [b.metadata for b in rest.data] == [{"n": "2"}, {"n": "1"}, {"n": "0"}]
+            everything = [b.id async for b in client.batches.list(limit=2)]
+            assert everything == made[::-1]
