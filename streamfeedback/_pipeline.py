@@ -177,6 +177,7 @@ class Pipeline:
             skip_ids = table
         self.skip_ids = skip_ids
         self.spooled_ids = IdSet()
+        self.batched_ids = IdSet()
         self.spool: Spool | None = None
         self.limit = limit
         self.shard = shard
@@ -206,6 +207,12 @@ class Pipeline:
         check_environment(self.config)
         if self.spool_path is not None:
             await self._open_spool(self.spool_path)
+        if self.mode == "run" and self.config.rater.mode == "batch":
+            from ._stages.batch_rating import pending_ids
+
+            # Prompts in batches an earlier run submitted: their batches are resumed, so
+            # generating them again would only be thrown away.
+            self.batched_ids = await anyio.to_thread.run_sync(pending_ids, self.batch_state_path)
         wanted = [*self.engines.values()]
         if self.judge_engine is not None:
             wanted.append(self.judge_engine)
@@ -479,7 +486,11 @@ class Pipeline:
                             and (ordinal - 1) % self.shard[1] != self.shard[0]
                         ):
                             continue
-                        if item.id in self.skip_ids or item.id in self.spooled_ids:
+                        if (
+                            item.id in self.skip_ids
+                            or item.id in self.spooled_ids
+                            or item.id in self.batched_ids
+                        ):
                             self._skipped += 1
                             continue
                         prompt = msgspec.structs.replace(item, index=ordinal)

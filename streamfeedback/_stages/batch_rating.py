@@ -30,8 +30,9 @@ A batch is recorded before it is created: once its file is uploaded, its entry i
 an empty `id`, and the id is filled in when the create call answers. A run that finds an entry
 without an id (the last one died in between) looks for the batch on the server (by the
 sidecar name in its metadata, or its input file) and resumes it; if there is none, it creates
-it from the uploaded file. Only if that file is gone are the entry's prompts rated again.
-So a crash at any point neither orphans a paid batch nor submits the same prompts twice.
+it from the uploaded file, or, if that file is gone, writes it again from the sidecar. So a
+crash at any point neither orphans a paid batch nor submits the same prompts twice, and the
+pipeline need not generate again any prompt a state file covers (`pending_ids`).
 """
 
 from __future__ import annotations
@@ -562,12 +563,40 @@ class _BatchRater:
                     raise
                 log.warning(
                     "the uploaded file %s of an unsubmitted batch cannot be used (%s); "
-                    "its %d prompts will be rated again",
+                    "submitting its %d prompts again from %s",
                     creating.input_file_id,
                     exc,
                     creating.prompts,
+                    creating.sidecar,
                 )
-                await self._save(add=None, remove=creating)
+                await self._rebuild(creating)
+
+    async def _rebuild(self, creating: _Pending) -> None:
+        """Write and submit an unsubmitted batch again from its sidecar (no prompt is lost
+        with its uploaded file: the sidecar holds every joined prompt)."""
+        builder = _Builder(self.folder)
+        decoder = msgspec.json.Decoder(_Entry)
+        try:
+            with (self.folder / creating.sidecar).open("rb") as fh:
+                while chunk := await anyio.to_thread.run_sync(_read_lines, fh):
+                    for raw in chunk:
+                        if not raw.strip():
+                            continue
+                        entry = decoder.decode(raw)
+                        if entry.joined.prompt.id in self.done:
+                            continue
+                        lines = self._lines(entry.joined, entry.attempt, entry.asked)
+                        builder.add(
+                            raw.rstrip(b"\n") + b"\n", lines, len(entry.asked), entry.attempt
+                        )
+            if builder.prompts:
+                await self._submit(builder, replaces=creating)
+                return
+        except BaseException:
+            builder.discard()
+            raise
+        builder.discard()
+        await self._save(add=None, remove=creating)
 
     async def _find(self, creating: _Pending) -> Batch | None:
         """The server's batch for an entry, by metadata or input file; pages back only to

@@ -140,6 +140,7 @@ async def test_a_crashed_batch_run_resumes_its_batches(tmp_path: Path) -> None:
         for text, rating in zip(record.generations, record.ratings, strict=True):
             assert rating is None or rating == rating_for(text)
     assert "resuming" in result.stderr.decode()
+    assert "0 tokens generated" in result.stderr.decode(), "covered prompts are not generated"
     assert _pending_prompts(tmp_path) == 0
     _assert_key_nowhere(tmp_path, result.stdout, result.stderr)
 

@@ -536,7 +536,7 @@ async def test_a_batch_recorded_but_never_created_is_created_from_its_uploaded_f
     assert sorted(r.id for r in records) == [j.prompt.id for j in items]
 
 
-async def test_an_unsubmitted_batch_whose_file_is_gone_is_rated_again(
+async def test_an_unsubmitted_batch_whose_file_is_gone_is_written_again_from_its_sidecar(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     state = tmp_path / "state.json"
@@ -545,11 +545,64 @@ async def test_an_unsubmitted_batch_whose_file_is_gone_is_rated_again(
         await _die_while_creating(server, state, items)
         server.batches.clear()
         (entry,) = _state_entries(state)
-        del server.files[entry["input_file_id"]]  # expired meanwhile
+        gone = server.files.pop(entry["input_file_id"])  # expired meanwhile
         with caplog.at_level(logging.WARNING, "streamfeedback"):
-            records, failures = await _rate(_judge(_rater(server.base_url)), items, state)
-        assert len(server.batches) == 1
-        assert next(iter(server.batches.values())).input_file_id != entry["input_file_id"]
+            records, failures = await _rate(_judge(_rater(server.base_url)), [], state)
+        (batch,) = server.batches.values()
+        assert batch.input_file_id != entry["input_file_id"]
+        assert server.files[batch.input_file_id].data == gone.data, "the same requests again"
     assert failures == []
-    assert sorted(r.id for r in records) == [j.prompt.id for j in items]
-    assert "its 4 prompts will be rated again" in caplog.text
+    assert sorted(r.id for r in records) == [j.prompt.id for j in items], "from the sidecar"
+    assert "submitting its 4 prompts again" in caplog.text
+    assert not any((tmp_path / "state.json.d").glob("*")), "no stray sidecar left"
+
+
+async def test_a_resumed_pipeline_without_a_spool_does_not_generate_what_batches_cover(
+    tmp_path: Path,
+) -> None:
+    """Library use, no spool: prompts in batches an earlier run submitted are resumed from the
+    state file, never generated again."""
+    from streamfeedback import Pipeline
+
+    from ..helpers import POOL, sim_config
+
+    state = tmp_path / "run.batches.json"
+    prompts = [f"Explain idea {i}." for i in range(6)]
+
+    def engines() -> dict[str, FakeEngine]:
+        return {name: FakeEngine(name, lambda r: f"an answer of {r.id}") for name in POOL}
+
+    async with OpenAIServer(judge_handler(untidy=0.0, broken=0.0), batch_delay=600) as server:
+        config = sim_config(
+            rater={
+                "backend": "openai",
+                "model": "gpt-judge",
+                "base_url": server.base_url,
+                "api_key_env": ENV,
+                "mode": "batch",
+                "batch_poll_interval": 0.02,
+            }
+        )
+        first = engines()
+        with anyio.move_on_after(20) as scope:
+            async with Pipeline(config, engines=first, batch_state_path=str(state)) as pipeline:
+                pipeline.run(prompts)
+                while True:
+                    entries = _state_entries(state)
+                    if sum(e["prompts"] for e in entries if e["id"]) == len(prompts):
+                        break
+                    await anyio.sleep(0.02)
+                assert pipeline.statistics().records == 0
+                scope.cancel()  # the run dies with every prompt in a submitted batch
+                await anyio.lowlevel.checkpoint()
+        assert scope.cancelled_caught
+        assert sum(len(e.requests) for e in first.values()) == 3 * len(prompts)
+
+        server.batch_delay = 0.02
+        again = engines()
+        with anyio.fail_after(30):
+            async with Pipeline(config, engines=again, batch_state_path=str(state)) as pipeline:
+                records = [r async for r in pipeline.run(prompts)]
+        assert sum(len(e.requests) for e in again.values()) == 0, "nothing generated again"
+    assert len(records) == len(prompts)
+    _check_ratings(records)
