@@ -5,8 +5,11 @@ end-of-stream, closing the last receiver breaks the senders, a bounded buffer ba
 with two differences that matter on a hot path:
 
 - `send` and `receive` only yield to the loop when they must wait. anyio's always pass a
-  checkpoint first, which costs a loop trip per hop in a chain of cheap stages. Every stage
-  awaits something per item (an engine, the judge, the consumer), so none can starve the loop.
+  checkpoint first, which costs a loop trip per hop in a chain of cheap stages. So they are
+  cancellation points only when they wait: after a cancel, a stage that awaits nothing else
+  (routing, say) may still move up to a buffer's worth of items before it blocks and sees it.
+  The bounded buffers are also what keeps such a stage from starving the loop; the others
+  await an engine, the judge or the consumer per item.
 - A waiter parks on a bare asyncio future instead of an anyio `Event` plus bookkeeping. anyio
   cancel scopes still reach it (they cancel the task, which cancels the future it awaits).
 

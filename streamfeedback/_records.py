@@ -101,7 +101,8 @@ class Generation(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class GenerationFailure(msgspec.Struct, frozen=True, kw_only=True):
-    """One model failed one prompt for good (after its retries)."""
+    """One model failed one prompt for good (after its retries); `attempts` counts the models
+    actually asked, substitutes included (not the ones skipped while cooling down)."""
 
     prompt: Prompt
     models: tuple[str, ...]
@@ -131,7 +132,8 @@ class AspectResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
 
 
 class Substitution(msgspec.Struct, frozen=True, kw_only=True):
-    """A routed model failed a prompt for good and another model answered in its place."""
+    """Another model answered in place of the routed one: the routed model failed the prompt
+    for good, or was cooling down (failing most requests) when the prompt's turn came."""
 
     slot: int
     failed_model: str

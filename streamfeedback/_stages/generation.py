@@ -106,6 +106,7 @@ async def run(
             async for job in inbox:
                 model = name
                 errors: list[str] = []
+                asked = 0
                 while True:
                     if reroute and pool.cooling(model):
                         substitute = pool.substitute(job.prompt.id, job.models)
@@ -113,6 +114,7 @@ async def run(
                             errors.append(f"{model}: {pool.cooling_reason(model)}")
                             model = substitute
                             continue
+                    asked += 1
                     try:
                         completion, principle = await attempt(job, model)
                     except EngineError as exc:
@@ -131,7 +133,7 @@ async def run(
                                 slot=job.slot,
                                 model=name,
                                 error="; ".join(errors),
-                                attempts=len(errors),
+                                attempts=asked,
                             ),
                         )
                         break

@@ -19,6 +19,7 @@ that come from the server are scrubbed of it, and auth failures drop the server'
 from __future__ import annotations
 
 import email.utils
+import importlib
 import logging
 import math
 import os
@@ -26,12 +27,11 @@ import random
 import re
 import time
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import msgspec
 import openai
-from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from .._config import EngineConfig, api_key_env
 from .._exceptions import (
@@ -52,6 +52,46 @@ _DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _MAX_RETRY_AFTER = 120.0
 _DETAIL_CHARS = 300
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?)(ms|h|m|s)")
+
+
+class _Message(msgspec.Struct):
+    content: str | None = None
+    refusal: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    message: _Message | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = 0
+    completion_tokens: int | None = 0
+
+
+class _ChatCompletion(msgspec.Struct):
+    """The part of a chat completion we read; other fields are ignored."""
+
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+
+
+_chat_decoder = msgspec.json.Decoder(_ChatCompletion)
+
+
+def _http_library() -> Any:
+    """The HTTP library the SDK is built on: httpx2 now, httpx before."""
+    for module in ("httpx2", "httpx"):
+        try:
+            return importlib.import_module(module)
+        except ImportError:
+            continue
+    raise ImportError("the openai SDK is installed without httpx2 or httpx")
+
+
+_http = _http_library()
+_HttpResponse = _http.Response
+"""As `cast_to`, it makes `client.post` return the raw response (the SDK's documented way)."""
 
 
 class OpenAIEngineStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -124,11 +164,20 @@ class OpenAIEngine:
                 f"for {self.base_url})",
             )
         self._api_key = key
+        # Keep a connection per request in flight: with the SDK's default of 100 kept alive,
+        # a busier engine closes and reopens connections all the time (measured: ~45% of
+        # 2,400 requests at 256 in flight opened a new one).
+        connections = max(1, self.config.concurrency)
         self._client = openai.AsyncOpenAI(
             base_url=self.base_url,
             api_key=key,
             max_retries=0,
             timeout=self.config.timeout,
+            http_client=openai.DefaultAsyncHttpxClient(
+                limits=_http.Limits(
+                    max_connections=connections, max_keepalive_connections=connections
+                )
+            ),
         )
 
     async def aclose(self) -> None:
@@ -217,25 +266,23 @@ class OpenAIEngine:
         if self._client is None:
             raise EngineUnavailable(self.name, "engine is closed")
         client = self._client
-        messages = cast(
-            "list[ChatCompletionMessageParam]",
-            [{"role": m.role, "content": m.content} for m in request.messages],
-        )
-        extra: dict[str, Any] = {}
+        body: dict[str, Any] = {
+            "model": self.config.model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+        }
         if request.seed is not None:
-            extra["seed"] = request.seed
+            body["seed"] = request.seed
         async with self.limiter.acquire(estimate) as lease:
             self._requests += 1
             self._in_flight += 1
             try:
-                raw = await client.chat.completions.with_raw_response.create(
-                    model=self.config.model,
-                    messages=messages,
-                    max_tokens=request.max_tokens,
-                    temperature=request.temperature,
-                    top_p=request.top_p,
-                    **extra,
-                )
+                # The SDK's documented raw request: its auth, timeouts and error mapping,
+                # without re-validating our already-typed parameters and building a pydantic
+                # model of the answer, which took over a quarter of the client's CPU per call.
+                raw = await client.post("/chat/completions", cast_to=_HttpResponse, body=body)
             except openai.APIStatusError as exc:
                 self._observe_headers(exc.response.headers)
                 raise self._status_error(exc, attempt) from _cause(exc)
@@ -262,35 +309,32 @@ class OpenAIEngine:
     def _completion(self, raw: Any) -> Completion:
         """Read the body; anything short of a choice with text content is malformed."""
         try:
-            parsed = raw.parse()
-        except Exception as exc:
-            raise EngineError(self.name, f"malformed response from {self.base_url}") from exc
-        if not isinstance(parsed, ChatCompletion):
-            raise EngineError(self.name, f"malformed response from {self.base_url}: not JSON")
-        choices = getattr(parsed, "choices", None)
-        if not isinstance(choices, list) or not choices:
+            parsed = _chat_decoder.decode(raw.content)
+        except msgspec.ValidationError as exc:
+            raise EngineError(self.name, f"malformed response from {self.base_url}: {exc}") from exc
+        except msgspec.DecodeError as exc:
+            raise EngineError(
+                self.name, f"malformed response from {self.base_url}: not JSON"
+            ) from exc
+        if not parsed.choices:
             raise EngineError(self.name, f"malformed response from {self.base_url}: no choices")
-        choice = choices[0]
-        message = getattr(choice, "message", None)
-        content = getattr(message, "content", None)
-        if not isinstance(content, str):
-            refusal = getattr(message, "refusal", None)
-            if isinstance(refusal, str) and refusal:
+        choice = parsed.choices[0]
+        message = choice.message
+        if message is None or message.content is None:
+            refusal = message.refusal if message is not None else None
+            if refusal:
                 raise EngineRequestError(
                     self.name, f"the model refused: {self._scrub(refusal)[:_DETAIL_CHARS]}"
                 )
             raise EngineError(
                 self.name, f"malformed response from {self.base_url}: no message content"
             )
-        usage = getattr(parsed, "usage", None)
-        prompt_tokens = getattr(usage, "prompt_tokens", 0)
-        completion_tokens = getattr(usage, "completion_tokens", 0)
-        finish = getattr(choice, "finish_reason", None)
+        usage = parsed.usage or _Usage()
         return Completion(
-            text=content,
-            prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else 0,
-            completion_tokens=completion_tokens if isinstance(completion_tokens, int) else 0,
-            finish_reason=finish if isinstance(finish, str) else None,
+            text=message.content,
+            prompt_tokens=usage.prompt_tokens or 0,
+            completion_tokens=usage.completion_tokens or 0,
+            finish_reason=choice.finish_reason,
         )
 
     def _status_error(self, exc: openai.APIStatusError, attempt: int) -> EngineError:

@@ -337,3 +337,47 @@ async def test_429s_cut_concurrency_and_successes_win_it_back() -> None:
         for i in range(40):
             await engine.generate(_request(i))
         assert cut < engine.limiter.concurrency <= 16
+
+
+async def test_a_refusal_is_a_request_error_and_missing_usage_counts_zero() -> None:
+    refusal = (
+        b'{"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": '
+        b'[{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", '
+        b'"content": null, "refusal": "I cannot help with that."}}]}'
+    )
+    async with _engine(lambda _: Reply(raw=refusal), max_retries=2) as (engine, server):
+        with pytest.raises(EngineRequestError, match="the model refused: I cannot help"):
+            await engine.generate(_request())
+        assert len(server.requests) == 1, "a refusal is not retried"
+    bare = b'{"choices": [{"message": {"content": "fine"}, "finish_reason": "length"}]}'
+    async with _engine(lambda _: Reply(raw=bare)) as (engine, _server):
+        completion = await engine.generate(_request())
+    assert (completion.text, completion.finish_reason) == ("fine", "length")
+    assert (completion.prompt_tokens, completion.completion_tokens) == (0, 0)
+
+
+async def test_the_request_body_is_what_the_chat_api_expects() -> None:
+    async with _engine(echo_handler(), seed=7) as (engine, server):
+        await engine.generate(
+            ChatRequest(
+                id="r",
+                messages=[Message("system", "be brief"), Message("user", "hi")],
+                max_tokens=33,
+                temperature=0.5,
+                top_p=0.9,
+                seed=7,
+            )
+        )
+    (sent,) = server.requests
+    assert sent.path == "/v1/chat/completions" and sent.method == "POST"
+    assert sent.body == {
+        "model": "echo-7b",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+        ],
+        "max_tokens": 33,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "seed": 7,
+    }
