@@ -226,6 +226,12 @@ class ClusterConfig(_Section, frozen=True, kw_only=True):
     backend: Literal["local", "ray"] = "local"
     address: str | None = None
     namespace: str | None = None
+    restarts: int = 3
+    """How often a dead Ray replica is replaced by a new actor (each replica its own count)."""
+
+    def __post_init__(self) -> None:
+        if self.restarts < 0:
+            raise ValueError("`restarts` must be at least 0")
 
 
 class OutputConfig(_Section, frozen=True, kw_only=True):

@@ -17,11 +17,18 @@ Dispatch: each request goes to the live replica with the fewest requests in flig
 round robin), at most `config.concurrency` per replica. A replica whose actor, worker or node
 dies (or whose inner engine reports EngineUnavailable) is marked dead, logged once, and its
 requests fail over to the other replicas; `EngineUnavailable` is raised only when none is
-left. Dead replicas are not restarted (actors have Ray's `max_restarts = 0`). Ray notices a
-dead node by its health checks (seconds to tens of seconds, per the cluster's settings); a
-killed actor's vLLM worker sees its stdin close and exits, freeing the GPU. `concurrency` is
-the whole engine's bound (`config.concurrency` x `replicas`): the pipeline should run that
-many generation workers for it.
+left. Ray notices a dead node by its health checks (seconds to tens of seconds, per the
+cluster's settings); a killed actor's vLLM worker sees its stdin close and exits, freeing the
+GPU. `concurrency` is the whole engine's bound (`config.concurrency` x `replicas`): the
+pipeline should run that many generation workers for it.
+
+Restarts: a dead replica is replaced by a new actor (placed wherever Ray finds its GPUs, so a
+lost node's replicas come back on the nodes left, capacity permitting), up to `[cluster]
+restarts` times per replica, with a growing pause between tries; it takes requests again once
+its engine has started. Ray's own `max_restarts` stays 0: a restarted actor must also start
+its inner engine, which only our start call does. The restarts run in one asyncio Task per
+engine that owns a task group (`start` and `aclose` may run in different tasks, as for the
+vLLM engine's reader); `aclose` cancels and awaits it before killing the actors.
 
 Connection: the first RayEngine to start calls `ray.init` (in a thread, so Ray neither blocks
 the event loop nor takes over SIGTERM from the pipeline) unless the process is already
@@ -33,6 +40,7 @@ stdout carries records only.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
@@ -44,6 +52,7 @@ from typing import Any, NoReturn
 import anyio
 import msgspec
 
+from .._channels import Receiver, Sender, open_channel
 from .._config import ClusterConfig, GeneratorConfig
 from .._exceptions import (
     EngineBusy,
@@ -68,6 +77,8 @@ CONNECT_TIMEOUT_S = 10.0
 """How long to try reaching the cluster's address before `ray.init`."""
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
 """Object store of a local cluster that `ray.init` starts: answers are small and inline."""
+RESTART_PAUSE_S = 1.0
+"""Pause before a replica's first restart; doubled for each further try."""
 
 _ERRORS: dict[str, type[EngineError]] = {
     cls.__name__: cls
@@ -275,6 +286,7 @@ class ReplicaStatistics(msgspec.Struct, frozen=True, kw_only=True):
     failures: int
     in_flight: int
     peak_in_flight: int
+    restarts: int = 0
 
 
 class RayStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -303,6 +315,7 @@ class _Replica:
         self.peak_in_flight = 0
         self.requests = 0
         self.failures = 0
+        self.restarts = 0
 
     def statistics(self) -> ReplicaStatistics:
         started = self.started
@@ -316,6 +329,7 @@ class _Replica:
             failures=self.failures,
             in_flight=self.in_flight,
             peak_in_flight=self.peak_in_flight,
+            restarts=self.restarts,
         )
 
 
@@ -346,6 +360,10 @@ class RayEngine:
         self._failovers = 0
         self._prompt_tokens = 0
         self._completion_tokens = 0
+        self._options: dict[str, Any] = {}
+        self._config_bytes = b""
+        self._restarts: Sender[_Replica] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
 
     # -- public -------------------------------------------------------------------------
 
@@ -415,12 +433,14 @@ class RayEngine:
                 self._in_flight -= 1
 
     async def aclose(self) -> None:
-        """Close each live replica's engine (bounded), kill every actor, drop the connection.
+        """Stop restarts, close each live replica's engine (bounded), kill every actor, drop
+        the connection.
 
         Safe to call twice, after a failed start, and while the caller is being cancelled.
         """
         self._closed = True
         with anyio.CancelScope(shield=True):
+            await self._stop_restarts()
             await self._teardown()
 
     # -- start and stop -----------------------------------------------------------------
@@ -436,22 +456,89 @@ class RayEngine:
             where = self.cluster.address or "a new local cluster"
             raise self._unavailable(f"cannot connect to Ray at {where}: {exc}") from exc
         self._replicas = []
-        config_bytes = _encoder.encode(self.config)
-        options: dict[str, Any] = {
+        self._config_bytes = _encoder.encode(self.config)
+        self._options = {
             "num_gpus": self.num_gpus,
             "num_cpus": 1 if self.config.backend == "vllm" else 0,
             "max_concurrency": self.config.concurrency + ACTOR_EXTRA_CONCURRENCY,
             "max_restarts": 0,
         }
         for i in range(self.config.replicas):
-            actor = _actor_class.options(**options).remote(self.name, config_bytes)
-            self._replicas.append(_Replica(i, actor, self.config.concurrency))
+            self._replicas.append(_Replica(i, self._new_actor(), self.config.concurrency))
         failures: list[EngineUnavailable] = []
         async with anyio.create_task_group() as tg:
             for replica in self._replicas:
                 tg.start_soon(self._start_replica, replica, failures, tg.cancel_scope)
         if failures:
             raise failures[0]
+        if self.cluster.restarts > 0:
+            self._restarts, inbox = open_channel[_Replica](len(self._replicas))
+            self._supervisor = asyncio.get_running_loop().create_task(self._supervise(inbox))
+
+    def _new_actor(self) -> Any:
+        return _actor_class.options(**self._options).remote(self.name, self._config_bytes)
+
+    # -- restarts -----------------------------------------------------------------------
+
+    async def _supervise(self, inbox: Receiver[_Replica]) -> None:
+        """Restart each replica reported dead, each in its own child task."""
+        async with inbox, anyio.create_task_group() as tg:
+            async for replica in inbox:
+                tg.start_soon(self._restart, replica, name=f"restart-{self.name}-{replica.index}")
+
+    async def _restart(self, replica: _Replica) -> None:
+        """Replace a dead replica's actor until one starts or its restarts are used up."""
+        pause = RESTART_PAUSE_S
+        while replica.restarts < self.cluster.restarts and not self._closed:
+            await anyio.sleep(pause)
+            pause *= 2
+            replica.restarts += 1
+            log.warning(
+                "%s: restarting replica %d (try %d of %d)",
+                self.name,
+                replica.index,
+                replica.restarts,
+                self.cluster.restarts,
+            )
+            old, replica.actor = replica.actor, self._new_actor()
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    _ray_module.kill(old, no_restart=True)
+            try:
+                await self._start_one(replica)
+            except EngineUnavailable as exc:
+                log.warning("%s: replica %d did not come back: %s", self.name, replica.index, exc)
+                continue
+            replica.dead = None
+            live = sum(r.dead is None for r in self._replicas)
+            self._limiter.total_tokens = live * self.config.concurrency
+            log.warning(
+                "%s: replica %d is back (pid %s, node %s); %d of %d live",
+                self.name,
+                replica.index,
+                replica.started.pid if replica.started else "?",
+                replica.started.node_id if replica.started else "?",
+                live,
+                len(self._replicas),
+            )
+            return
+        if not self._closed:
+            log.error(
+                "%s: replica %d stays dead after %d restarts",
+                self.name,
+                replica.index,
+                replica.restarts,
+            )
+
+    async def _stop_restarts(self) -> None:
+        restarts, self._restarts = self._restarts, None
+        if restarts is not None:
+            restarts.close()
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
 
     async def _start_replica(
         self, replica: _Replica, failures: list[EngineUnavailable], scope: anyio.CancelScope
@@ -614,6 +701,9 @@ class RayEngine:
         if actor is not None:
             with contextlib.suppress(Exception):
                 _ray_module.kill(actor, no_restart=True)
+        if self._restarts is not None and not self._closed:
+            with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
+                self._restarts.send_nowait(replica)
 
     # -- errors -------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -90,7 +91,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-CLUSTER = ClusterConfig(backend="ray", namespace="streamfeedback-tests")
+CLUSTER = ClusterConfig(backend="ray", namespace="streamfeedback-tests", restarts=0)
+RESTARTING = ClusterConfig(backend="ray", namespace="streamfeedback-tests", restarts=2)
 
 
 def _config(**kw: Any) -> GeneratorConfig:
@@ -341,3 +343,69 @@ async def test_missing_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(EngineUnavailable, match=r"streamfeedback\[ray\]"):
         await engine.start()
     await engine.aclose()
+
+
+async def test_a_dead_replica_is_restarted_and_serves_again(cluster: Any) -> None:
+    engine = RayEngine("phoenix", _config(replicas=1), RESTARTING)
+    await engine.start()
+    try:
+        first = engine.statistics().replicas[0]
+        assert first.pid is not None
+        ray.kill(engine._replicas[0].actor)
+        with pytest.raises(EngineUnavailable, match="no live replica"):
+            for i in range(100):  # the kill lands asynchronously
+                await engine.generate(_request(i))
+                await anyio.sleep(0.05)
+
+        async def back() -> bool:
+            return engine.statistics().replicas[0].alive
+
+        await _eventually(back, 60)
+        again = engine.statistics().replicas[0]
+        assert again.restarts == 1 and again.pid != first.pid
+        assert not _alive(first.pid), "the dead actor's process is gone"
+        completion = await engine.generate(_request(1000))
+        assert completion.text
+    finally:
+        await engine.aclose()
+    assert not engine.statistics().replicas[0].alive
+
+
+async def test_restarts_stop_at_the_configured_count_and_at_close(
+    cluster: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "streamfeedback")
+    engine = RayEngine("mayfly", _config(replicas=1), RESTARTING)
+    await engine.start()
+    try:
+        for n in (1, 2):
+            pid = engine.statistics().replicas[0].pid
+            ray.kill(engine._replicas[0].actor)
+
+            async def dead() -> bool:
+                try:
+                    await engine.generate(_request(0))
+                except EngineUnavailable:
+                    return True
+                return False
+
+            await _eventually(dead, 20)
+
+            async def replaced(pid: int | None = pid) -> bool:
+                stats = engine.statistics().replicas[0]
+                return stats.alive and stats.pid != pid
+
+            await _eventually(replaced, 60)
+            assert engine.statistics().replicas[0].restarts == n
+        ray.kill(engine._replicas[0].actor)
+        await _eventually(dead, 20)
+
+        async def given_up() -> bool:
+            return "replica 0 stays dead after 2 restarts" in caplog.text
+
+        await _eventually(given_up, 10)
+        stats = engine.statistics().replicas[0]
+        assert not stats.alive and stats.restarts == 2, "no third restart"
+    finally:
+        await engine.aclose()
+    assert engine._supervisor is None
