@@ -450,16 +450,20 @@ class Pipeline:
         failures: Sender[Failure],
     ) -> None:
         seen = IdSet()
-        ordinal = 0
+        ordinal = taken = 0
         async with out, failures:
             with self._intake_scope:
                 items = await self._open(prompts)
                 try:
                     async for item in items:
-                        # Not per prompt (that was a third of the intake's cost): stop_intake
-                        # is seen at once, a cancelled run within 64 prompts.
-                        if self._intake_scope.cancel_called or not ordinal % 64:
+                        # Not per item (that was a third of the intake's cost): stop_intake
+                        # is seen at once; a cancelled run, and the rest of the loop, get a
+                        # turn every 64 items, however many of them are skipped.
+                        taken += 1
+                        if self._intake_scope.cancel_called:
                             await anyio.lowlevel.checkpoint_if_cancelled()
+                        elif not taken % 64:
+                            await anyio.lowlevel.checkpoint()
                         if isinstance(item, SourceProblem):
                             where = f"{item.path}:{item.line}" if item.line else item.path
                             log.warning("skipping bad input at %s: %s", where, item.error)

@@ -96,7 +96,8 @@ class _Entry(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 class _Pending(msgspec.Struct, kw_only=True):
     """A submitted batch whose records are not emitted yet; `id` is "" until its create call
-    has answered. The sidecar name identifies the entry (and goes into the batch's metadata)."""
+    has answered. The sidecar name identifies the entry; `token`, fresh for each create call
+    and sent in the batch's metadata, identifies the batch that call made."""
 
     id: str
     sidecar: str
@@ -105,6 +106,7 @@ class _Pending(msgspec.Struct, kw_only=True):
     requests: int
     attempt: int
     submitted_at: float
+    token: str = ""
 
 
 class _State(msgspec.Struct, kw_only=True):
@@ -156,7 +158,7 @@ def pending_ids(state_path: str) -> IdSet:
     path = Path(state_path)
     if not path.exists():
         return ids
-    state = msgspec.json.decode(path.read_bytes(), type=_State)
+    state = _read_state(path)
     decoder = msgspec.json.Decoder(_EntryId)
     for pending in state.batches:
         sidecar = _folder(state_path) / pending.sidecar
@@ -166,6 +168,21 @@ def pending_ids(state_path: str) -> IdSet:
                     if line.strip():
                         ids.add(decoder.decode(line).joined.prompt.id)
     return ids
+
+
+def _read_state(path: Path) -> _State:
+    """:raises JudgeUnavailable: the file is not a state file (the message says what to do)."""
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=_State)
+    except msgspec.DecodeError as exc:
+        raise JudgeUnavailable(
+            f"batch state file {path} is unreadable ({exc}); move it away "
+            "to start over (its batches would then be paid for again)"
+        ) from exc
+
+
+def _token() -> str:
+    return uuid.uuid4().hex[:16]
 
 
 async def run(
@@ -256,6 +273,7 @@ class _Builder:
         self.requests_path = folder / f"{token}{_REQUESTS}"
         self.prompts = self.requests = self.bytes = 0
         self.attempt = 1
+        self.recorded = False  # a state entry names the sidecar: it must outlive us
         self._files: tuple[IO[bytes], IO[bytes]] | None = None
 
     def fits(self, requests: int, size: int, max_requests: int, max_bytes: int) -> bool:
@@ -284,9 +302,11 @@ class _Builder:
                 fh.close()
 
     def discard(self) -> None:
+        """Drop the files, except a sidecar the state file already names."""
         self.close()
-        for path in (self.sidecar_path, self.requests_path):
-            path.unlink(missing_ok=True)
+        self.requests_path.unlink(missing_ok=True)
+        if not self.recorded:
+            self.sidecar_path.unlink(missing_ok=True)
 
 
 def _folder(state_path: str) -> Path:
@@ -345,13 +365,7 @@ class _BatchRater:
     def _load(self) -> None:
         """Read the state file, dropping batches whose prompts file is gone."""
         if self.state_path.exists():
-            try:
-                self.state = msgspec.json.decode(self.state_path.read_bytes(), type=_State)
-            except msgspec.DecodeError as exc:
-                raise JudgeUnavailable(
-                    f"batch state file {self.state_path} is unreadable ({exc}); move it away "
-                    "to start over (its batches would then be paid for again)"
-                ) from exc
+            self.state = _read_state(self.state_path)
             if self.state.base_url and self.state.base_url != self.base_url:
                 log.warning(
                     "batch state %s was written for %s, not %s; its batches may not be found",
@@ -362,8 +376,8 @@ class _BatchRater:
         missing = [p for p in self.state.batches if not (self.folder / p.sidecar).exists()]
         for pending in missing:
             log.warning(
-                "batch %s: its prompts file %s is gone; its %d prompts will be rated again",
-                pending.id,
+                "%s: its prompts file %s is gone; its %d prompts will be rated again",
+                f"batch {pending.id}" if pending.id else "an unsubmitted batch",
                 self.folder / pending.sidecar,
                 pending.prompts,
             )
@@ -516,8 +530,10 @@ class _BatchRater:
             requests=builder.requests,
             attempt=builder.attempt,
             submitted_at=time.time(),
+            token=_token(),
         )
         await self._save(add=creating, remove=replaces)
+        builder.recorded = True
         return await self._create(creating)
 
     async def _create(self, creating: _Pending) -> _Pending:
@@ -529,7 +545,11 @@ class _BatchRater:
                 input_file_id=creating.input_file_id,
                 endpoint=_ENDPOINT,
                 completion_window=cast("Literal['24h']", self.config.batch_completion_window),
-                metadata={"source": "streamfeedback", "sidecar": creating.sidecar},
+                metadata={
+                    "source": "streamfeedback",
+                    "sidecar": creating.sidecar,
+                    "token": creating.token,
+                },
             ),
         )
         pending = msgspec.structs.replace(creating, id=batch.id)
@@ -559,7 +579,9 @@ class _BatchRater:
             try:
                 await self._create(creating)
             except JudgeUnavailable as exc:
-                if not isinstance(exc.__cause__, (openai.BadRequestError, openai.NotFoundError)):
+                if not isinstance(
+                    exc.__cause__, (openai.BadRequestError, openai.NotFoundError)
+                ) or await self._file_exists(creating.input_file_id):
                     raise
                 log.warning(
                     "the uploaded file %s of an unsubmitted batch cannot be used (%s); "
@@ -599,27 +621,47 @@ class _BatchRater:
         await self._save(add=None, remove=creating)
 
     async def _find(self, creating: _Pending) -> Batch | None:
-        """The server's batch for an entry, by metadata or input file; pages back only to
-        shortly before the entry was saved (the list is newest first)."""
+        """The batch the entry's create call made, by the token in its metadata; pages back
+        only to shortly before the entry was saved (the list is newest first)."""
         client = self._require_client()
         since = creating.submitted_at - _FIND_SLACK_S
         after: str | None = None
         while True:
-            page = await self._api(
-                "GET /batches",
-                client.batches.list(limit=100, after=after)
-                if after
-                else client.batches.list(limit=100),
-            )
+            try:
+                page = await self._api(
+                    "GET /batches",
+                    client.batches.list(limit=100, after=after)
+                    if after
+                    else client.batches.list(limit=100),
+                )
+            except JudgeUnavailable as exc:
+                if not isinstance(exc.__cause__, openai.NotFoundError):
+                    raise
+                log.warning(
+                    "%s does not list batches: cannot tell whether the last run created the "
+                    "batch of %s; creating it (it may be paid for twice)",
+                    self.base_url,
+                    creating.sidecar,
+                )
+                return None
             for batch in page.data:
-                sidecar = (batch.metadata or {}).get("sidecar")
-                if sidecar == creating.sidecar or batch.input_file_id == creating.input_file_id:
+                if creating.token and (batch.metadata or {}).get("token") == creating.token:
                     return batch
                 if batch.created_at < since:
                     return None
-            if not page.has_more or not page.data:
+            if not page.data or page.has_more is False or page.data[-1].id == after:
                 return None
             after = page.data[-1].id
+
+    async def _file_exists(self, file_id: str) -> bool:
+        client = self._require_client()
+        try:
+            await self._api(f"GET /files/{file_id}", client.files.retrieve(file_id))
+        except JudgeUnavailable as exc:
+            if isinstance(exc.__cause__, openai.NotFoundError):
+                return False
+            raise
+        return True
 
     async def _wait(self, pending: _Pending) -> Batch:
         """Poll until the batch ends; passing API errors are logged and polled through."""
@@ -752,19 +794,11 @@ class _BatchRater:
                 self.config.batch_poll_interval,
             )
             await anyio.sleep(self.config.batch_poll_interval)
-            client = self._require_client()
-            again = await self._api(
-                "POST /batches",
-                client.batches.create(
-                    input_file_id=pending.input_file_id,
-                    endpoint=_ENDPOINT,
-                    completion_window=cast("Literal['24h']", self.config.batch_completion_window),
-                    metadata={"source": "streamfeedback"},
-                ),
+            creating = msgspec.structs.replace(
+                pending, id="", submitted_at=time.time(), token=_token()
             )
-            renewed = msgspec.structs.replace(pending, id=again.id, submitted_at=time.time())
-            await self._save(add=renewed, remove=pending, keep_sidecar=True)
-            return renewed
+            await self._save(add=creating, remove=pending, keep_sidecar=True)
+            return await self._create(creating)
         detail = "; ".join(
             f"line {e.line}: {e.message}" if e.line else str(e.message) for e in errors[:3]
         )

@@ -55,38 +55,39 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?)(ms|h|m|s)")
 
 
 class _Message(msgspec.Struct):
-    content: str | None = None
-    refusal: str | None = None
+    content: Any = None
+    refusal: Any = None
 
 
 class _Choice(msgspec.Struct):
     message: _Message | None = None
-    finish_reason: str | None = None
-
-
-class _Usage(msgspec.Struct):
-    prompt_tokens: int | None = 0
-    completion_tokens: int | None = 0
+    finish_reason: Any = None
 
 
 class _ChatCompletion(msgspec.Struct):
-    """The part of a chat completion we read; other fields are ignored."""
+    """The part of a chat completion we read; other fields are ignored. Only the text must
+    be right: odd usage or finish fields (some compatible servers send floats, strings or
+    objects) count as missing rather than throwing a good answer away."""
 
-    choices: list[_Choice] = []
-    usage: _Usage | None = None
+    choices: list[_Choice] | None = None
+    usage: Any = None
 
 
 _chat_decoder = msgspec.json.Decoder(_ChatCompletion)
 
 
+def _count(value: object) -> int:
+    """A token count as the server gave it, or 0 when it gave none that reads as one."""
+    return value if type(value) is int and value >= 0 else 0
+
+
 def _http_library() -> Any:
-    """The HTTP library the SDK is built on: httpx2 now, httpx before."""
-    for module in ("httpx2", "httpx"):
-        try:
-            return importlib.import_module(module)
-        except ImportError:
-            continue
-    raise ImportError("the openai SDK is installed without httpx2 or httpx")
+    """The HTTP library the installed SDK is built on (httpx2 now, httpx before): the module
+    of its default client's base class, so a second library installed beside it is no trap."""
+    for base in openai.DefaultAsyncHttpxClient.__mro__[1:]:
+        if base.__name__ == "AsyncClient":
+            return importlib.import_module(base.__module__.partition(".")[0])
+    raise ImportError("cannot tell which HTTP library the openai SDK uses")
 
 
 _http = _http_library()
@@ -320,21 +321,22 @@ class OpenAIEngine:
             raise EngineError(self.name, f"malformed response from {self.base_url}: no choices")
         choice = parsed.choices[0]
         message = choice.message
-        if message is None or message.content is None:
+        if message is None or not isinstance(message.content, str):
             refusal = message.refusal if message is not None else None
-            if refusal:
+            if isinstance(refusal, str) and refusal:
                 raise EngineRequestError(
                     self.name, f"the model refused: {self._scrub(refusal)[:_DETAIL_CHARS]}"
                 )
             raise EngineError(
                 self.name, f"malformed response from {self.base_url}: no message content"
             )
-        usage = parsed.usage or _Usage()
+        usage = parsed.usage if isinstance(parsed.usage, dict) else {}
+        finish = choice.finish_reason
         return Completion(
             text=message.content,
-            prompt_tokens=usage.prompt_tokens or 0,
-            completion_tokens=usage.completion_tokens or 0,
-            finish_reason=choice.finish_reason,
+            prompt_tokens=_count(usage.get("prompt_tokens")),
+            completion_tokens=_count(usage.get("completion_tokens")),
+            finish_reason=finish if isinstance(finish, str) else None,
         )
 
     def _status_error(self, exc: openai.APIStatusError, attempt: int) -> EngineError:

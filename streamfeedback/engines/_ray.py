@@ -334,9 +334,10 @@ class _Replica:
 
 
 class _ReplicaLost(Exception):
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, actor: Any = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.actor = actor  # the actor that was lost: a replica may have a new one by now
 
 
 class RayEngine:
@@ -471,7 +472,7 @@ class RayEngine:
                 tg.start_soon(self._start_replica, replica, failures, tg.cancel_scope)
         if failures:
             raise failures[0]
-        if self.cluster.restarts > 0:
+        if self.cluster.restarts > 0 and not self._closed:
             self._restarts, inbox = open_channel[_Replica](len(self._replicas))
             self._supervisor = asyncio.get_running_loop().create_task(self._supervise(inbox))
 
@@ -500,13 +501,18 @@ class RayEngine:
                 replica.restarts,
                 self.cluster.restarts,
             )
-            old, replica.actor = replica.actor, self._new_actor()
+            old, replica.actor = replica.actor, None
             if old is not None:
                 with contextlib.suppress(Exception):
                     _ray_module.kill(old, no_restart=True)
             try:
+                replica.actor = self._new_actor()
                 await self._start_one(replica)
-            except EngineUnavailable as exc:
+            except Exception as exc:  # whatever went wrong, this try is over; kill its actor
+                failed, replica.actor = replica.actor, None
+                if failed is not None:
+                    with contextlib.suppress(Exception):
+                        _ray_module.kill(failed, no_restart=True)
                 log.warning("%s: replica %d did not come back: %s", self.name, replica.index, exc)
                 continue
             replica.dead = None
@@ -537,8 +543,11 @@ class RayEngine:
         supervisor, self._supervisor = self._supervisor, None
         if supervisor is not None:
             supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await supervisor
+            await asyncio.wait({supervisor})
+            if not supervisor.cancelled() and supervisor.exception() is not None:
+                log.error(
+                    "%s: the restart supervisor failed: %r", self.name, supervisor.exception()
+                )
 
     async def _start_replica(
         self, replica: _Replica, failures: list[EngineUnavailable], scope: anyio.CancelScope
@@ -616,7 +625,8 @@ class RayEngine:
             try:
                 return await self._ask(replica, payload)
             except _ReplicaLost as lost:
-                self._lose(replica, lost.reason)
+                if lost.actor is None or lost.actor is replica.actor:
+                    self._lose(replica, lost.reason)
                 self._failovers += 1
 
     def _pick(self, tried: set[int]) -> _Replica | None:
@@ -632,11 +642,13 @@ class RayEngine:
 
     async def _ask(self, replica: _Replica, payload: bytes) -> Completion:
         ray = _ray_module
+        actor = None
         try:
             async with replica.limiter:
-                if replica.dead is not None or replica.actor is None:
+                actor = replica.actor
+                if replica.dead is not None or actor is None:
                     raise _ReplicaLost(replica.dead or "the replica is gone")
-                ref = replica.actor.generate.remote(payload)
+                ref = actor.generate.remote(payload)
                 try:
                     with anyio.fail_after(self.config.timeout + TIMEOUT_MARGIN_S):
                         data = await ref
@@ -645,7 +657,7 @@ class RayEngine:
                         ray.cancel(ref)
                     raise
         except _lost_errors(ray) as exc:
-            raise _ReplicaLost(f"{type(exc).__name__}: {_first_line(exc)}") from exc
+            raise _ReplicaLost(f"{type(exc).__name__}: {_first_line(exc)}", actor) from exc
         except ray.exceptions.RayError as exc:
             replica.failures += 1
             raise EngineError(
@@ -668,7 +680,7 @@ class RayEngine:
             self._completion_tokens += answer.completion.completion_tokens
             return answer.completion
         if answer.kind == "EngineUnavailable" and not self._closed:
-            raise _ReplicaLost(answer.message)
+            raise _ReplicaLost(answer.message, actor)
         replica.failures += 1
         self._raise(answer)
 
@@ -702,7 +714,9 @@ class RayEngine:
             with contextlib.suppress(Exception):
                 _ray_module.kill(actor, no_restart=True)
         if self._restarts is not None and not self._closed:
-            with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
+            with contextlib.suppress(
+                anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError
+            ):
                 self._restarts.send_nowait(replica)
 
     # -- errors -------------------------------------------------------------------------

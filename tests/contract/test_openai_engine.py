@@ -381,3 +381,23 @@ async def test_the_request_body_is_what_the_chat_api_expects() -> None:
         "top_p": 0.9,
         "seed": 7,
     }
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b'"usage": {"prompt_tokens": 12.0, "completion_tokens": "7"}',
+        b'"usage": "n/a"',
+        b'"usage": {"prompt_tokens": -3, "completion_tokens": null}',
+    ],
+)
+async def test_odd_usage_or_finish_fields_do_not_throw_a_good_answer_away(extra: bytes) -> None:
+    body = (
+        b'{"choices": [{"message": {"role": "assistant", "content": "kept"}, '
+        b'"finish_reason": 1}], ' + extra + b"}"
+    )
+    async with _engine(lambda _: Reply(raw=body), max_retries=0) as (engine, server):
+        completion = await engine.generate(_request())
+        assert len(server.requests) == 1
+    assert completion.text == "kept" and completion.finish_reason is None
+    assert (completion.prompt_tokens, completion.completion_tokens) == (0, 0)

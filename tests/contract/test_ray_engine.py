@@ -409,3 +409,37 @@ async def test_restarts_stop_at_the_configured_count_and_at_close(
     finally:
         await engine.aclose()
     assert engine._supervisor is None
+
+
+async def test_a_restart_that_cannot_create_an_actor_gives_up_cleanly(
+    cluster: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected error while replacing a replica ends that try, not the supervisor: later
+    losses still report EngineUnavailable, and aclose still tears everything down."""
+    caplog.set_level(logging.WARNING, "streamfeedback")
+    engine = RayEngine("unlucky", _config(replicas=2), RESTARTING)
+    await engine.start()
+    try:
+
+        def no_actor() -> Any:
+            raise RuntimeError("the GCS is unreachable")
+
+        engine._new_actor = no_actor  # type: ignore[method-assign]
+        ray.kill(engine._replicas[0].actor)
+
+        async def given_up() -> bool:
+            return "replica 0 stays dead after 2 restarts" in caplog.text
+
+        while not engine._replicas[0].dead:
+            await engine.generate(_request(0))
+            await anyio.sleep(0.02)
+        await _eventually(given_up, 20)
+        assert "did not come back: the GCS is unreachable" in caplog.text
+        ray.kill(engine._replicas[1].actor)
+        with pytest.raises(EngineUnavailable, match="no live replica"):
+            for i in range(100):
+                await engine.generate(_request(i))
+                await anyio.sleep(0.02)
+    finally:
+        await engine.aclose()
+    assert all(r.actor is None for r in engine._replicas), "every actor killed"

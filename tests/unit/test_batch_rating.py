@@ -531,7 +531,11 @@ async def test_a_batch_recorded_but_never_created_is_created_from_its_uploaded_f
         records, failures = await _rate(_judge(_rater(server.base_url)), items, state)
         assert [b.input_file_id for b in server.batches.values()] == [entry["input_file_id"]]
         (batch,) = server.batches.values()
-        assert batch.metadata == {"source": "streamfeedback", "sidecar": entry["sidecar"]}
+        assert batch.metadata == {
+            "source": "streamfeedback",
+            "sidecar": entry["sidecar"],
+            "token": entry["token"],
+        }
     assert failures == []
     assert sorted(r.id for r in records) == [j.prompt.id for j in items]
 
@@ -606,3 +610,71 @@ async def test_a_resumed_pipeline_without_a_spool_does_not_generate_what_batches
         assert sum(len(e.requests) for e in again.values()) == 0, "nothing generated again"
     assert len(records) == len(prompts)
     _check_ratings(records)
+
+
+async def _stop_when(server: OpenAIServer, state: Path, items: list[Joined], posts: int) -> None:
+    """Run the rater; once `posts` POST /batches have arrived (the last held by the server),
+    stop it dead."""
+    with anyio.move_on_after(20):
+        async with anyio.create_task_group() as tg:
+
+            async def stop() -> None:
+                while True:
+                    made = [
+                        r
+                        for r in server.requests
+                        if r.method == "POST" and r.path.endswith("/batches")
+                    ]
+                    if len(made) == posts - 1:
+                        server.create_hold = 30
+                    if len(made) >= posts:
+                        break
+                    await anyio.sleep(0.005)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stop)
+            await _rate(_judge(_rater(server.base_url, max_attempts=3)), items, state)
+    server.create_hold = 0
+
+
+async def test_a_follow_up_batch_created_as_the_run_died_keeps_its_sidecar_and_is_adopted(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state.json"
+    items = [_joined(i) for i in range(3)]
+    async with OpenAIServer(judge_handler(untidy=0.0, broken=1.0)) as server:
+        await _stop_when(server, state, items, posts=2)  # the re-asks' batch is being created
+        (entry,) = _state_entries(state)
+        assert entry["id"] == "" and entry["attempt"] == 2
+        assert (tmp_path / "state.json.d" / entry["sidecar"]).exists(), "its sidecar stays"
+        made = list(server.batches)
+        server.handler = judge_handler(untidy=0.0, broken=0.0)
+        records, failures = await _rate(_judge(_rater(server.base_url, max_attempts=3)), [], state)
+        assert list(server.batches) == made, "the follow-up batch was adopted, not made again"
+    assert failures == [] and sorted(r.id for r in records) == [j.prompt.id for j in items]
+
+
+async def test_a_batch_resubmitted_over_the_token_limit_is_recorded_before_it_is_created(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state.json"
+    items = [_joined(i) for i in range(3)]
+    async with OpenAIServer(judge_handler(untidy=0.0, broken=0.0)) as server:
+        run_batch = server._run_batch
+        refused: list[str] = []
+
+        async def over_the_limit_once(batch: Any, headers: dict[str, str]) -> None:
+            if refused:
+                await run_batch(batch, headers)
+                return
+            refused.append(batch.id)
+            batch.errors = [{"code": "token_limit_exceeded", "message": "Enqueued token limit"}]
+            batch.move("failed")
+
+        server._run_batch = over_the_limit_once  # type: ignore[method-assign]
+        await _stop_when(server, state, items, posts=2)  # the same file, submitted again
+        assert [e["id"] for e in _state_entries(state)] == [""]
+        records, failures = await _rate(_judge(_rater(server.base_url)), [], state)
+        inputs = [b.input_file_id for b in server.batches.values()]
+    assert len(inputs) == 2 and len(set(inputs)) == 1, "the refused file, submitted once more"
+    assert failures == [] and sorted(r.id for r in records) == [j.prompt.id for j in items]
