@@ -24,15 +24,19 @@ output), and removes a batch from the state only after its records are emitted.
     {"version": 1, "base_url": "https://api.openai.com/v1",
      "batches": [{"id": "batch_abc", "sidecar": "3f2a9c0d1e4b.joined.ndjson",
                   "input_file_id": "file-xyz", "prompts": 7, "requests": 7, "attempt": 1,
-                  "submitted_at": 1718000000.0}]}
+                  "submitted_at": 1718000000.0, "token": "9c1d07e2a4b35f68"}]}
 
 A batch is recorded before it is created: once its file is uploaded, its entry is saved with
-an empty `id`, and the id is filled in when the create call answers. A run that finds an entry
-without an id (the last one died in between) looks for the batch on the server (by the
-sidecar name in its metadata, or its input file) and resumes it; if there is none, it creates
-it from the uploaded file, or, if that file is gone, writes it again from the sidecar. So a
-crash at any point neither orphans a paid batch nor submits the same prompts twice, and the
+an empty `id` and a fresh `token`, and the id is filled in when the create call answers. A
+run that finds an entry without an id (the last one died in between) looks for the batch on
+the server by the token in its metadata and resumes it; if there is none, it creates it from
+the uploaded file, or, if that file is gone, writes it again from the sidecar. So a crash
+while submitting neither orphans a paid batch nor submits the same prompts twice, and the
 pipeline need not generate again any prompt a state file covers (`pending_ids`).
+
+One window is left: a batch leaves the state once its records are handed on, so a kill
+before the sink has written them (at most a channel's and a write batch's worth) loses
+nothing, as those prompts are not in the output, but has them rated again on the rerun.
 """
 
 from __future__ import annotations
