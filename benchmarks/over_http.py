@@ -20,35 +20,29 @@ the server's 429 count (target: 0).
 
 from __future__ import annotations
 
+import argparse
+import collections
+import json
+import resource
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-# run as a script, this folder comes first on sys.path, and this file would shadow `http`
-_HERE = str(Path(__file__).resolve().parent)
-for _entry in [p for p in sys.path if p and str(Path(p).resolve()) == _HERE]:
-    sys.path.remove(_entry)
+import anyio
+import msgspec
 
-import argparse  # noqa: E402
-import collections  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
-
-import anyio  # noqa: E402
-import msgspec  # noqa: E402
-
-from streamfeedback import Pipeline, load_config  # noqa: E402
-from streamfeedback._bench import (  # noqa: E402
+from streamfeedback import Pipeline, load_config
+from streamfeedback._bench import (
     JudgeModel,
     ideal_makespan,
     plan_workload,
 )
-from streamfeedback.engines._sim import SimLLMEngine, SimSamplingParams  # noqa: E402
-from streamfeedback.testing import (  # noqa: E402
+from streamfeedback.engines._sim import SimLLMEngine, SimSamplingParams
+from streamfeedback.testing import (
     Handler,
     OpenAIServer,
     Reply,
