@@ -47,7 +47,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Container
+from collections.abc import AsyncGenerator, Awaitable, Container
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar, cast
 
@@ -601,20 +601,13 @@ class _BatchRater:
         """Write and submit an unsubmitted batch again from its sidecar (no prompt is lost
         with its uploaded file: the sidecar holds every joined prompt)."""
         builder = _Builder(self.folder)
-        decoder = msgspec.json.Decoder(_Entry)
         try:
-            with (self.folder / creating.sidecar).open("rb") as fh:
-                while chunk := await anyio.to_thread.run_sync(_read_lines, fh):
-                    for raw in chunk:
-                        if not raw.strip():
-                            continue
-                        entry = decoder.decode(raw)
-                        if entry.joined.prompt.id in self.done:
-                            continue
-                        lines = self._lines(entry.joined, entry.attempt, entry.asked)
-                        builder.add(
-                            raw.rstrip(b"\n") + b"\n", lines, len(entry.asked), entry.attempt
-                        )
+            async with contextlib.aclosing(self._entries(creating)) as entries:
+                async for entry, raw in entries:
+                    if entry.joined.prompt.id in self.done:
+                        continue
+                    lines = self._lines(entry.joined, entry.attempt, entry.asked)
+                    builder.add(raw, lines, len(entry.asked), entry.attempt)
             if builder.prompts:
                 await self._submit(builder, replaces=creating)
                 return
@@ -711,28 +704,23 @@ class _BatchRater:
         results = await self._results(batch)
         follow = _Builder(self.folder)
         emitted = failed = skipped = 0
-        decoder = msgspec.json.Decoder(_Entry)
         try:
-            with (self.folder / pending.sidecar).open("rb") as fh:
-                while chunk := await anyio.to_thread.run_sync(_read_lines, fh):
-                    for raw in chunk:
-                        if not raw.strip():
-                            continue
-                        entry = decoder.decode(raw)
-                        if entry.joined.prompt.id in self.done:
-                            skipped += 1
-                            continue
-                        outcome = self._settle(entry, results)
-                        if isinstance(outcome, Record):
-                            await self.records.send(outcome)
-                            emitted += 1
-                        elif isinstance(outcome, str):
-                            await self._fail(entry.joined, outcome)
-                            failed += 1
-                        else:
-                            lines = self._lines(entry.joined, outcome.attempt, outcome.asked)
-                            entry_line = self._encoder.encode(outcome) + b"\n"
-                            follow.add(entry_line, lines, len(outcome.asked), outcome.attempt)
+            async with contextlib.aclosing(self._entries(pending)) as entries:
+                async for entry, _ in entries:
+                    if entry.joined.prompt.id in self.done:
+                        skipped += 1
+                        continue
+                    outcome = self._settle(entry, results)
+                    if isinstance(outcome, Record):
+                        await self.records.send(outcome)
+                        emitted += 1
+                    elif isinstance(outcome, str):
+                        await self._fail(entry.joined, outcome)
+                        failed += 1
+                    else:
+                        lines = self._lines(entry.joined, outcome.attempt, outcome.asked)
+                        entry_line = self._encoder.encode(outcome) + b"\n"
+                        follow.add(entry_line, lines, len(outcome.asked), outcome.attempt)
             log.info(
                 "batch %s %s: %d records, %d failures, %d prompts to ask again%s",
                 pending.id,
@@ -750,6 +738,15 @@ class _BatchRater:
         follow.discard()
         await self._save(add=None, remove=pending)
         return None
+
+    async def _entries(self, pending: _Pending) -> AsyncGenerator[tuple[_Entry, bytes], None]:
+        """A batch's sidecar, entry by entry (with its line), read in chunks off the loop."""
+        decoder = msgspec.json.Decoder(_Entry)
+        with (self.folder / pending.sidecar).open("rb") as fh:
+            while chunk := await anyio.to_thread.run_sync(_read_lines, fh):
+                for raw in chunk:
+                    if raw.strip():
+                        yield decoder.decode(raw), raw.rstrip(b"\n") + b"\n"
 
     def _settle(self, entry: _Entry, results: dict[str, str | _LineError]) -> Record | str | _Entry:
         """A prompt's record, its failure message, or the entry of its re-ask."""
