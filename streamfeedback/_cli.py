@@ -321,6 +321,11 @@ async def _run(args: argparse.Namespace) -> int:
     interrupted = False
     pipeline: Pipeline | None = None
     exit_code = EXIT_OK
+    written = 0
+
+    def count_written(n: int) -> None:
+        nonlocal written
+        written += n
 
     async def watch_signals(run_scope: anyio.CancelScope) -> None:
         nonlocal interrupted
@@ -372,7 +377,7 @@ async def _run(args: argparse.Namespace) -> int:
                                     interval=args.progress_every,
                                 )
                             )
-                        await drain(records, writer)
+                        await drain(records, writer, on_write=count_written)
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise unwrap_group(group) from None
@@ -388,7 +393,7 @@ async def _run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         exit_code = EXIT_FAILURES
     if pipeline is not None:
-        _summary(pipeline, config, out, failures_path, time.monotonic() - started)
+        _summary(pipeline, config, out, failures_path, time.monotonic() - started, written)
         stats = pipeline.statistics()
         if exit_code == EXIT_OK and stats.failures:
             exit_code = EXIT_FAILURES
@@ -399,8 +404,13 @@ async def _run(args: argparse.Namespace) -> int:
     return exit_code
 
 
-def _summary(pipeline: Pipeline, config: Config, out: str, failures: str, wall: float) -> None:
-    """The end-of-run summary on stderr: done, skipped, failed, tokens, judge use and cost."""
+def _summary(
+    pipeline: Pipeline, config: Config, out: str, failures: str, wall: float, written: int
+) -> None:
+    """The end-of-run summary on stderr: done, skipped, failed, tokens, judge use and cost.
+
+    Records count what reached the output: a record taken from the pipeline but not written
+    (the reader went away) is counted apart, and will be made again by a rerun."""
     s = pipeline.statistics()
     judge = ""
     stats = getattr(pipeline.judge_engine, "statistics", None)
@@ -415,7 +425,8 @@ def _summary(pipeline: Pipeline, config: Config, out: str, failures: str, wall: 
     done = (
         f"{s.spooled} prompts spooled"
         if pipeline.mode == "generate"
-        else f"{s.records} records ({s.records / wall if wall > 0 else 0.0:.1f}/s)"
+        else f"{written} records ({written / wall if wall > 0 else 0.0:.1f}/s)"
+        + (f", {s.records - written} not written" if s.records > written else "")
     )
     parts = [
         f"done in {wall:.1f}s: {done}",
