@@ -110,6 +110,14 @@ class _State(Generic[T]):
         )
 
 
+def _fail_closed(waiters: set[asyncio.Future[T]]) -> None:
+    """The waiting calls of an end being closed end with ClosedResourceError."""
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_exception(ClosedResourceError())
+    waiters.clear()
+
+
 class Sender(ObjectSendStream[T]):
     """The sending end. Clone it per producer; the last one closed ends the stream."""
 
@@ -174,10 +182,7 @@ class Sender(ObjectSendStream[T]):
             return
         self._closed = True
         state = self._state
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_exception(ClosedResourceError())
-        self._waiters.clear()
+        _fail_closed(self._waiters)
         state.senders -= 1
         if state.senders == 0 and not state.handing:
             state.end()
@@ -276,10 +281,7 @@ class Receiver(ObjectReceiveStream[T]):
             return
         self._closed = True
         state = self._state
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_exception(ClosedResourceError())
-        self._waiters.clear()
+        _fail_closed(self._waiters)
         state.receivers -= 1
         if state.receivers == 0:
             while state.waiting_put:

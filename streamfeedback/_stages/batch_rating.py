@@ -65,6 +65,7 @@ from .._idset import IdSet
 from .._judge.judge import Judge, complete, custom_id, merge_blocks
 from .._judge.parser import BlockRating
 from .._records import Failure, Joined, Record
+from ..engines._openai import chat_body
 
 __all__ = ["MAX_PENDING", "pending_ids", "run"]
 
@@ -486,18 +487,9 @@ class _BatchRater:
 
     def _lines(self, joined: Joined, attempt: int, aspects: list[str]) -> bytes:
         """The batch-file lines of a prompt's requests for `aspects`."""
-        cfg = self.config
         out = []
         for cid, _, request in self.judge.requests(joined, attempt, aspects):
-            body: dict[str, Any] = {
-                "model": cfg.model,
-                "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-                "max_tokens": request.max_tokens,
-                "temperature": request.temperature,
-                "top_p": request.top_p,
-            }
-            if request.seed is not None:
-                body["seed"] = request.seed
+            body = chat_body(self.config.model, request)
             line = {"custom_id": cid, "method": "POST", "url": _ENDPOINT, "body": body}
             out.append(self._encoder.encode(line) + b"\n")
         return b"".join(out)

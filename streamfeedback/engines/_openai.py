@@ -44,7 +44,7 @@ from .._exceptions import (
 from .._ratelimit import RateLimiter
 from .._records import ChatRequest, Completion
 
-__all__ = ["OpenAIEngine", "OpenAIEngineStatistics"]
+__all__ = ["OpenAIEngine", "OpenAIEngineStatistics", "chat_body"]
 
 logger = logging.getLogger("streamfeedback.openai")
 
@@ -74,6 +74,21 @@ class _ChatCompletion(msgspec.Struct):
 
 
 _chat_decoder = msgspec.json.Decoder(_ChatCompletion)
+
+
+def chat_body(model: str, request: ChatRequest) -> dict[str, Any]:
+    """The JSON body of a chat completion request: what the live backend posts and what a
+    Batch API line carries."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+    }
+    if request.seed is not None:
+        body["seed"] = request.seed
+    return body
 
 
 def _count(value: object) -> int:
@@ -267,15 +282,7 @@ class OpenAIEngine:
         if self._client is None:
             raise EngineUnavailable(self.name, "engine is closed")
         client = self._client
-        body: dict[str, Any] = {
-            "model": self.config.model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-        }
-        if request.seed is not None:
-            body["seed"] = request.seed
+        body = chat_body(self.config.model, request)
         async with self.limiter.acquire(estimate) as lease:
             self._requests += 1
             self._in_flight += 1
