@@ -415,19 +415,12 @@ async def test_an_expired_batch_is_asked_again_up_to_max_attempts(
 
 async def test_a_batch_that_fails_validation_stops_the_run(tmp_path: Path) -> None:
     async with OpenAIServer(judge_handler()) as server:
-        config = _rater(server.base_url)
-        judge = _judge(config)
-        original = batch_rating._BatchRater._lines
-
-        def broken_lines(self: Any, joined: Joined, attempt: int, aspects: list[str]) -> bytes:
-            return original(self, joined, attempt, aspects).replace(b'"POST"', b'"GET"')
-
-        batch_rating._BatchRater._lines = broken_lines  # type: ignore[method-assign]
-        try:
-            with pytest.raises(JudgeUnavailable, match="failed.*line 1"):
-                await _rate(judge, [_joined(1)], tmp_path / "s.json")
-        finally:
-            batch_rating._BatchRater._lines = original  # type: ignore[method-assign]
+        judge = _judge(_rater(server.base_url))
+        # the same prompt twice: one custom_id twice in one file, which the API refuses whole
+        with pytest.raises(JudgeUnavailable, match="failed at .*line 2: .*repeated"):
+            await _rate(judge, [_joined(1), _joined(1)], tmp_path / "s.json")
+        statuses = [b.status for b in server.batches.values()]
+    assert statuses == ["failed"]
     assert json.loads((tmp_path / "s.json").read_text())["batches"] == []
 
 
