@@ -16,12 +16,15 @@ with two differences that matter on a hot path:
 An item handed to a receiver that is cancelled before it resumes goes back to the channel,
 to the next waiter or the front of the buffer, so cancellation never drops an item; while
 such a hand-over is unsettled, end-of-stream waits for it. (anyio drops that item.)
+Like anyio's, an end collected without being closed warns `ResourceWarning`: a stage that
+forgot `async with` would otherwise leave its neighbours waiting for an end that never comes.
 Asyncio only: the library runs in its caller's asyncio loop, the CLI on uvloop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections import deque
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
@@ -107,6 +110,16 @@ class _State(Generic[T]):
             self.receivers,
             sum(not w.done() for w, _ in self.waiting_put),
             sum(not w.done() for w in self.waiting_get),
+        )
+
+
+def _warn_unclosed(end: Sender[T] | Receiver[T]) -> None:
+    if not getattr(end, "_closed", True):
+        warnings.warn(
+            f"Unclosed <{type(end).__name__} at {id(end):x}>",
+            ResourceWarning,
+            stacklevel=2,
+            source=end,
         )
 
 
@@ -198,6 +211,9 @@ class Sender(ObjectSendStream[T]):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        _warn_unclosed(self)
 
 
 class Receiver(ObjectReceiveStream[T]):
@@ -301,6 +317,9 @@ class Receiver(ObjectReceiveStream[T]):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        _warn_unclosed(self)
 
 
 class open_channel(tuple[Sender[T], Receiver[T]]):  # used like a function
