@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import warnings
 from collections import deque
-from typing import Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
@@ -113,16 +113,6 @@ class _State(Generic[T]):
         )
 
 
-def _warn_unclosed(end: Sender[T] | Receiver[T]) -> None:
-    if not getattr(end, "_closed", True):
-        warnings.warn(
-            f"Unclosed <{type(end).__name__} at {id(end):x}>",
-            ResourceWarning,
-            stacklevel=2,
-            source=end,
-        )
-
-
 def _fail_closed(waiters: set[asyncio.Future[T]]) -> None:
     """The waiting calls of an end being closed end with ClosedResourceError."""
     for waiter in waiters:
@@ -131,14 +121,54 @@ def _fail_closed(waiters: set[asyncio.Future[T]]) -> None:
     waiters.clear()
 
 
-class Sender(ObjectSendStream[T]):
-    """The sending end. Clone it per producer; the last one closed ends the stream."""
+_E = TypeVar("_E", bound="_End[Any]")
 
-    __slots__ = ("_closed", "_state", "_waiters")
+
+class _End(Generic[T]):
+    """What both ends share: cloning, the closing forms, statistics, and the warning when an
+    end is collected unclosed."""
+
+    __slots__ = ("_closed", "_state")
 
     def __init__(self, state: _State[T]) -> None:
         self._state = state
         self._closed = False
+
+    def clone(self: _E) -> _E:
+        """Another end of the same kind on the same channel, closed on its own."""
+        if self._closed:
+            raise ClosedResourceError
+        return type(self)(self._state)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def statistics(self) -> ChannelStatistics:
+        return self._state.statistics()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(
+                f"Unclosed <{type(self).__name__} at {id(self):x}>",
+                ResourceWarning,
+                stacklevel=1,
+                source=self,
+            )
+
+
+class Sender(_End[T], ObjectSendStream[T]):
+    """The sending end. Clone it per producer; the last one closed ends the stream."""
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self, state: _State[T]) -> None:
+        super().__init__(state)
         self._waiters: set[asyncio.Future[None]] = set()
         state.senders += 1
 
@@ -185,11 +215,6 @@ class Sender(ObjectSendStream[T]):
         finally:
             self._waiters.discard(waiter)
 
-    def clone(self) -> Sender[T]:
-        if self._closed:
-            raise ClosedResourceError
-        return Sender(self._state)
-
     def close(self) -> None:
         if self._closed:
             return
@@ -200,30 +225,17 @@ class Sender(ObjectSendStream[T]):
         if state.senders == 0 and not state.handing:
             state.end()
 
-    async def aclose(self) -> None:
-        self.close()
-
-    def statistics(self) -> ChannelStatistics:
-        return self._state.statistics()
-
     def __enter__(self) -> Sender[T]:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
-    def __del__(self) -> None:
-        _warn_unclosed(self)
-
-
-class Receiver(ObjectReceiveStream[T]):
+class Receiver(_End[T], ObjectReceiveStream[T]):
     """The receiving end. Clone it per consumer; `async for` ends at end-of-stream."""
 
-    __slots__ = ("_closed", "_state", "_waiters")
+    __slots__ = ("_waiters",)
 
     def __init__(self, state: _State[T]) -> None:
-        self._state = state
-        self._closed = False
+        super().__init__(state)
         self._waiters: set[asyncio.Future[T]] = set()
         state.receivers += 1
 
@@ -287,11 +299,6 @@ class Receiver(ObjectReceiveStream[T]):
         except EndOfStream:
             raise StopAsyncIteration from None
 
-    def clone(self) -> Receiver[T]:
-        if self._closed:
-            raise ClosedResourceError
-        return Receiver(self._state)
-
     def close(self) -> None:
         if self._closed:
             return
@@ -306,20 +313,8 @@ class Receiver(ObjectReceiveStream[T]):
                     waiter_put.set_exception(BrokenResourceError())
             state.buffer.clear()
 
-    async def aclose(self) -> None:
-        self.close()
-
-    def statistics(self) -> ChannelStatistics:
-        return self._state.statistics()
-
     def __enter__(self) -> Receiver[T]:
         return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        _warn_unclosed(self)
 
 
 class open_channel(tuple[Sender[T], Receiver[T]]):  # used like a function
