@@ -47,7 +47,7 @@ from ._openai_errors import (
     DETAIL_CHARS,
     MissingKey,
     cause,
-    detail,
+    error_detail,
     read_key,
     scrub,
     status_kind,
@@ -356,10 +356,10 @@ class OpenAIEngine:
         where = f"{self.base_url} answered {status} for model {self.config.model!r}"
         if kind == "auth":
             return EngineUnavailable(self.name, f"{where}: check the API key", status=status)
-        explained = detail(exc.body, self._api_key)
+        detail = error_detail(exc.body, self._api_key)
         if kind == "not_found":
             return EngineUnavailable(
-                self.name, f"{where}: check base_url and model{explained}", status=status
+                self.name, f"{where}: check base_url and model{detail}", status=status
             )
         retry_after = _retry_after(exc.response.headers)
         if kind == "rate_limited":
@@ -371,18 +371,13 @@ class OpenAIEngine:
                 "%s: rate limited by %s; nothing starts for %.2fs", self.name, self.base_url, pause
             )
             return EngineBusy(
-                self.name,
-                f"{where} (rate limited){explained}",
-                status=status,
-                retry_after=retry_after,
+                self.name, f"{where} (rate limited){detail}", status=status, retry_after=retry_after
             )
         if kind == "timeout":
-            return EngineTimeout(self.name, f"{where}{explained}", status=status)
+            return EngineTimeout(self.name, f"{where}{detail}", status=status)
         if kind == "busy":
-            return EngineBusy(
-                self.name, f"{where}{explained}", status=status, retry_after=retry_after
-            )
-        return EngineRequestError(self.name, f"{where}{explained}", status=status)
+            return EngineBusy(self.name, f"{where}{detail}", status=status, retry_after=retry_after)
+        return EngineRequestError(self.name, f"{where}{detail}", status=status)
 
     def _scrub(self, text: str) -> str:
         return scrub(text, self._api_key)

@@ -24,7 +24,7 @@ from ._openai_errors import (
     DEFAULT_BASE_URL,
     DETAIL_CHARS,
     MissingKey,
-    detail,
+    error_detail,
     passing,
     read_key,
     scrub,
@@ -235,7 +235,7 @@ class BatchClient:
         status = response.status_code
         body = response.body
         if status >= 400:
-            explained = detail(body, self._key) if status_kind(status) != "auth" else ""
+            explained = error_detail(body, self._key) if status_kind(status) != "auth" else ""
             return LineError(passing(status), f"{self.base_url} answered {status}{explained}")
         reply = _message(body)
         content = reply.get("content")
@@ -267,7 +267,7 @@ class BatchClient:
             where = f"judge {self.label}: {self.base_url} answered {status} to {what}"
             if kind == "auth":
                 raise JudgeUnavailable(f"{where}: check the API key") from None
-            explained = detail(exc.body, self._key)
+            explained = error_detail(exc.body, self._key)
             if kind == "not_found":
                 raise JudgeUnavailable(
                     f"{where}: check base_url (it must serve the Files and Batches API){explained}"

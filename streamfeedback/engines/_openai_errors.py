@@ -27,7 +27,7 @@ __all__ = [
     "MissingKey",
     "StatusKind",
     "cause",
-    "detail",
+    "error_detail",
     "passing",
     "read_key",
     "scrub",
@@ -85,7 +85,7 @@ def passing(status: int) -> bool:
     return status_kind(status) in ("rate_limited", "timeout", "busy")
 
 
-def detail(body: Any, key: str) -> str:
+def error_detail(body: Any, key: str) -> str:
     """The server's explanation in an error body as ": <text>", scrubbed and shortened, or "".
 
     Reads `{"error": {"message": ...}}`, `{"message": ...}` (the SDK's `exc.body`) or a string.
