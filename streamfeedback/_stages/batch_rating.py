@@ -59,7 +59,7 @@ from anyio.abc import TaskGroup
 from openai.types import Batch
 
 from .._channels import Receiver, Sender
-from .._config import api_key_env
+from .._config import api_key, api_key_env
 from .._exceptions import JudgeUnavailable
 from .._idset import IdSet
 from .._judge.judge import Judge, complete, custom_id, merge_blocks
@@ -350,7 +350,7 @@ class _BatchRater:
 
     async def start(self) -> None:
         var = api_key_env(self.config)
-        key = os.environ.get(var, "") if var else "EMPTY"
+        key = api_key(self.config)
         if not key:
             raise JudgeUnavailable(
                 f"judge {self.judge.label}: environment variable {var} is not set (it should "

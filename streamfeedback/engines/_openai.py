@@ -22,7 +22,6 @@ import email.utils
 import importlib
 import logging
 import math
-import os
 import random
 import re
 import time
@@ -33,7 +32,7 @@ import anyio
 import msgspec
 import openai
 
-from .._config import EngineConfig, api_key_env
+from .._config import EngineConfig, api_key, api_key_env
 from .._exceptions import (
     EngineBusy,
     EngineError,
@@ -172,7 +171,7 @@ class OpenAIEngine:
         if self._client is not None:
             return
         var = api_key_env(self.config)
-        key = os.environ.get(var, "") if var else "EMPTY"
+        key = api_key(self.config)
         if not key:
             raise EngineUnavailable(
                 self.name,
