@@ -457,7 +457,7 @@ def api_key(engine: EngineConfig) -> str | None:
 def _overridden(key: str, override: str) -> bool:
     """Whether the error at `key` is about what `--set KEY=VALUE` set."""
     name = re.sub(r"\.(\d+)", r"[\1]", override.partition("=")[0].strip())
-    return key == name or key.startswith((name + ".", name + "["))
+    return key == name or key.startswith((name + ".", name + "[")) or name.startswith(key + ".")
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:

@@ -75,7 +75,7 @@ def explain_unknown(root: type, section: str, field: str) -> str:
     top = _fields(msgspec.inspect.type_info(root))
     homes = [name for name in top if name != section and field in _fields(_walk(root, name))]
     if homes:
-        return f"unknown key {field!r}: it belongs in [{homes[0]}]"
+        return f"unknown key {field!r}: it belongs in {' or '.join(f'[{h}]' for h in homes)}"
     close = difflib.get_close_matches(field, here, n=1, cutoff=0.6)
     if close:
         return f"unknown key {field!r}; did you mean {close[0]!r}?"
