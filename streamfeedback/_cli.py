@@ -35,6 +35,7 @@ from ._pricing import judge_cost
 from ._progress import show_progress
 from ._stages.sink import NdjsonWriter, drain, read_done_ids
 from ._stages.source import open_source
+from ._total import Total
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -394,8 +395,16 @@ async def _run(args: argparse.Namespace) -> int:
                     ):
                         records = pipeline.run(source)
                         if args.progress:
-                            limit = getattr(args, "limit", None)
-                            total = None if limit is None else limit - len(skip)
+                            total = Total()
+                            if mode != "rate":
+                                tg.start_soon(
+                                    partial(
+                                        total.count,
+                                        config.source,
+                                        limit=getattr(args, "limit", None),
+                                        shard=getattr(args, "shard", None),
+                                    )
+                                )
                             tg.start_soon(
                                 partial(
                                     show_progress,

@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from streamfeedback.testing import OpenAIServer, judge_handler
+from streamfeedback.testing import OpenAIServer, delayed, judge_handler
 
 from ..helpers import decode_lines
 from .test_cli import QUICKSTART, sf, write_config
@@ -368,3 +368,45 @@ def test_missing_extras_exit_2_with_the_pip_line(tmp_path: Path) -> None:
     argilla = _without("argilla", "export", str(out), "--to", "argilla:prefs")
     assert argilla.returncode == 2 and "Traceback" not in argilla.stderr
     assert "pip install 'streamfeedback[argilla]'" in argilla.stderr
+
+
+# -- progress --------------------------------------------------------------------------------
+
+
+async def test_the_progress_log_line_knows_the_total_of_a_file_and_projects_the_judge_cost(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, 60, ttft=0.02, slots=2)
+    async with OpenAIServer(delayed(judge_handler(), 0.02), models=["judge"]) as server:
+        config.write_text(
+            config.read_text().replace(
+                '[rater]\nbackend = "sim"',
+                f'[rater]\nbackend = "openai"\nbase_url = "{server.base_url}"\n'
+                "input_cost_per_mtok = 10.0\noutput_cost_per_mtok = 30.0",
+            )
+        )
+        with anyio.fail_after(120):
+            result = await anyio.run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "streamfeedback",
+                    "run",
+                    str(config),
+                    "--progress-every",
+                    "0.1",
+                    "-o",
+                    str(tmp_path / "out.ndjson"),
+                ],
+                check=False,
+            )
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    lines = [line for line in err.splitlines() if "progress: " in line]
+    assert lines, err
+    counted = [line for line in lines if "/60 records (" in line]
+    # the total is counted beside the run: at most the first line may come before it
+    assert len(counted) >= len(lines) - 1 and counted, lines
+    assert any("ETA " in line for line in counted), counted
+    assert any(" of ~$" in line for line in counted), "the judge's projected cost"
+    assert all(len(line) > 80 for line in lines), "a log line is not cut to a terminal"
