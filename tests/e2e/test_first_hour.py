@@ -6,6 +6,8 @@ a run that silently does nothing.
 
 from __future__ import annotations
 
+import csv
+import gzip
 import json
 import os
 import subprocess
@@ -410,3 +412,75 @@ async def test_the_progress_log_line_knows_the_total_of_a_file_and_projects_the_
     assert any("ETA " in line for line in counted), counted
     assert any(" of ~$" in line for line in counted), "the judge's projected cost"
     assert all(len(line) > 80 for line in lines), "a log line is not cut to a terminal"
+
+
+# -- export and binarize -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_output(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    where = tmp_path_factory.mktemp("output")
+    result = sf("run", str(QUICKSTART), "-o", str(where / "out.ndjson"), "-q")
+    assert result.returncode == 0, result.stderr.decode()
+    with (where / "out.ndjson").open("rb") as src, gzip.open(where / "out.ndjson.gz", "wb") as dst:
+        dst.write(src.read())
+    return where / "out.ndjson"
+
+
+_OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def test_export_picks_the_format_from_the_extension(run_output: Path, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    ids = [json.loads(line)["id"] for line in run_output.read_text().splitlines()]
+    for name in ("out.jsonl", "out.json", "out.csv", "out.parquet"):
+        target = tmp_path / name
+        result = sf("export", str(run_output), "--to", str(target), env=_OFFLINE)
+        assert result.returncode == 0, result.stderr.decode()
+        assert target.is_file(), f"{name} is one file, not a datasets folder"
+        assert (tmp_path / "out.README.md").is_file()
+        if name.endswith(".jsonl"):
+            rows = [json.loads(line) for line in target.read_text().splitlines()]
+        elif name.endswith(".json"):
+            rows = json.loads(target.read_text())
+        elif name.endswith(".csv"):
+            with target.open(newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            assert isinstance(json.loads(rows[0]["generations"]), list), "lists as JSON text"
+        else:
+            rows = pq.read_table(target).to_pylist()
+        assert [row["id"] for row in rows] == ids, name
+    folder = tmp_path / "folder"
+    assert sf("export", str(run_output), "--to", str(folder), env=_OFFLINE).returncode == 0
+    assert (folder / "dataset_info.json").is_file() and (folder / "README.md").is_file()
+
+
+def test_export_and_binarize_read_gzip_and_stdin(run_output: Path, tmp_path: Path) -> None:
+    gz = run_output.with_name("out.ndjson.gz")
+    plain = sf("binarize", str(run_output)).stdout
+    assert plain.count(b"\n") > 0
+    assert sf("binarize", str(gz)).stdout == plain
+    assert sf("binarize", "-", stdin=run_output.read_bytes()).stdout == plain
+    for source, stdin in ((str(gz), None), ("-", run_output.read_bytes())):
+        target = tmp_path / f"from-{'stdin' if stdin else 'gz'}.jsonl"
+        result = sf("export", source, "--to", str(target), stdin=stdin, env=_OFFLINE)
+        assert result.returncode == 0, result.stderr.decode()
+        assert len(target.read_text().splitlines()) == len(run_output.read_text().splitlines())
+    broken = tmp_path / "broken.ndjson.gz"
+    broken.write_bytes(b"not gzip at all\n")
+    for command in (["binarize", str(broken)], ["export", str(broken), "--to", "x.jsonl"]):
+        result = sf(*command, cwd=tmp_path, env=_OFFLINE)
+        assert result.returncode == 2, command
+        assert "broken.ndjson.gz: cannot read" in _error_line(result)
+
+
+def test_export_to_the_hub_offline_says_so_in_one_line(run_output: Path, tmp_path: Path) -> None:
+    for env in (_OFFLINE, {"HF_ENDPOINT": "http://127.0.0.1:1", "HF_TOKEN": "hf_unused"}):
+        result = sf("export", str(run_output), "--to", "someone/prefs", cwd=tmp_path, env=env)
+        assert result.returncode == 1
+        err = _error_line(result)
+        errors = [line for line in err.splitlines() if ": error: " in line]
+        assert len(errors) == 1 and "cannot push to the Hugging Face Hub as someone/prefs" in err
+        assert len(err.splitlines()) < 10, err
+        assert "hf_unused" not in err
