@@ -10,6 +10,7 @@ import csv
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,14 @@ from pathlib import Path
 import anyio
 import pytest
 
-from streamfeedback.testing import OpenAIServer, delayed, judge_handler
+from streamfeedback.testing import (
+    OpenAIServer,
+    Reply,
+    Request,
+    delayed,
+    echo_handler,
+    judge_handler,
+)
 
 from ..helpers import decode_lines
 from .test_cli import QUICKSTART, sf, write_config
@@ -297,6 +305,35 @@ async def test_verbosity_flags_work_after_the_subcommand_and_v_shows_requests(
     assert before.stderr == after.stderr == b""
 
 
+async def test_v_shows_the_retries_of_a_failing_endpoint(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 2)
+    echo = echo_handler()
+    calls = 0
+
+    def flaky(request: Request) -> Reply:
+        nonlocal calls
+        calls += 1
+        return Reply.failure(503, "busy, try again") if calls == 1 else echo(request)
+
+    async with OpenAIServer(flaky, models=["org/m0"]) as server:
+        config.write_text(
+            config.read_text()
+            .replace(
+                'name = "m0"\nbackend = "sim"',
+                f'name = "m0"\nbackend = "openai"\nbase_url = "{server.base_url}"',
+            )
+            .replace("[routing]\nn = 3", "[routing]\nn = 6")
+        )
+        with anyio.fail_after(60):
+            result = await anyio.run_process(
+                [sys.executable, "-m", "streamfeedback", "run", str(config), "-v"], check=False
+            )
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    assert len(decode_lines(result.stdout)) == 2
+    assert re.search(r"m0: retry 1/\d+ of request .*503", err), err
+
+
 def test_a_reader_that_takes_one_line_ends_the_run_quietly(tmp_path: Path) -> None:
     """`streamfeedback run cfg | head -1`: a closed pipe is how pipelines end."""
     config = write_config(tmp_path, 400)
@@ -326,7 +363,9 @@ def test_a_reader_that_takes_one_line_ends_the_run_quietly(tmp_path: Path) -> No
 
 def test_a_closed_pipe_ends_validate_and_report_quietly(tmp_path: Path) -> None:
     config = write_config(tmp_path, 3)
-    for args in (["validate", str(config)],):
+    out = tmp_path / "out.ndjson"
+    assert sf("run", str(config), "-o", str(out)).returncode == 0
+    for args in (["validate", str(config)], ["report", str(out)], ["binarize", str(out)]):
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamfeedback", *args],
             stdout=subprocess.PIPE,
