@@ -292,7 +292,7 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         raise ConfigError(str(file), None, f"cannot read config: {exc.strerror or exc}") from exc
     try:
         raw = msgspec.toml.decode(data)
-        raw = apply_overrides(raw, list(overrides))
+        raw = apply_overrides(raw, list(overrides), Config)
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         key, message = _split_validation_error(str(exc))

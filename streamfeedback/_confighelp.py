@@ -48,7 +48,7 @@ def _walk(root: type, path: str) -> Any:
     node: Any = msgspec.inspect.type_info(root)
     for part in _PART.findall(path):
         node = _unwrap(node)
-        if part.startswith("["):
+        if part.startswith("[") or part.isdigit():
             continue
         if not isinstance(node, msgspec.inspect.StructType):
             return None
@@ -91,10 +91,13 @@ def explain_enum(root: type, path: str, value: str) -> str | None:
     return f"{value} is not one of: {allowed}"
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(
+    raw: dict[str, Any], overrides: list[str], root: type | None = None
+) -> dict[str, Any]:
     """Set each `KEY=VALUE` in the decoded TOML; VALUE is read as a TOML value (`3`, `true`,
-    `["a"]`), or as a string where it is not one. `generators.0.model` (or `generators[0]`)
-    picks one table of an array.
+    `["a"]`), or as a string where it is not one or where `root` says the key holds text
+    (`rater.model=2024`). `generators.0.model` (or `generators[0]`) picks one table of an
+    array.
 
     :raises ValueError: naming the override that is not `KEY=VALUE` or points nowhere.
     """
@@ -105,6 +108,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. rater.model=gpt-4o")
         parts = _PART.findall(key)
         value = _value(text.strip())
+        if root is not None and not isinstance(value, str) and _is_text(_walk(root, key)):
+            value = text.strip()
         node: Any = raw
         for i, part in enumerate(parts[:-1]):
             index = part.strip("[]")
@@ -124,6 +129,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         else:
             node[last] = value
     return raw
+
+
+def _is_text(node: Any) -> bool:
+    if isinstance(node, msgspec.inspect.UnionType):
+        return any(isinstance(t, msgspec.inspect.StrType) for t in node.types)
+    return isinstance(node, msgspec.inspect.StrType)
 
 
 def _value(text: str) -> Any:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import threading
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -41,14 +43,34 @@ class Total:
     ) -> None:
         """Count the source's rows and set `value`; a failure leaves it unknown."""
         rows: int | None = None
+        stop = threading.Event()
         try:
             with anyio.move_on_after(_HUB_PATIENCE):
                 rows = await anyio.to_thread.run_sync(
-                    _source_rows, source, abandon_on_cancel=True
+                    partial(_source_rows, source, _Budget(stop, limit)), abandon_on_cancel=True
                 )
-        except Exception as exc:  # a total is a nicety: never stop a run for it
+        except Exception as exc:  # _Stopped too; a total is a nicety: never stop a run for it
             log.debug("cannot count the source's rows: %s", exc)
+        finally:
+            stop.set()  # a count still reading when the run ends (or gives up) stops too
         self.value = expected_prompts(rows, limit=limit, shard=shard)
+
+
+class _Budget:
+    """When a count may stop: the run has ended, or `--limit` rows are already there."""
+
+    def __init__(self, stop: threading.Event, limit: int | None) -> None:
+        self.stop = stop
+        self.limit = limit
+
+    def enough(self, count: int) -> bool:
+        if self.stop.is_set():
+            raise _Stopped
+        return self.limit is not None and count >= self.limit
+
+
+class _Stopped(Exception):
+    """The run no longer needs the count."""
 
 
 def expected_prompts(
@@ -67,7 +89,7 @@ def expected_prompts(
     return rows
 
 
-def _source_rows(source: SourceConfig) -> int | None:
+def _source_rows(source: SourceConfig, budget: _Budget) -> int | None:
     if source.dataset is not None:
         return _dataset_rows(source)
     if source.path is None or source.path == "-":
@@ -79,14 +101,18 @@ def _source_rows(source: SourceConfig) -> int | None:
 
         return int(pq.ParquetFile(path).metadata.num_rows)
     if suffix == ".csv":
+        count = -1  # the header
         with path.open(newline="", encoding="utf-8", errors="replace") as fh:
-            return max(0, sum(1 for _ in csv.reader(fh)) - 1)
+            for count, _ in enumerate(csv.reader(fh)):
+                if not count % 4096 and budget.enough(count):
+                    break
+        return max(0, count)
     if suffix in (".jsonl", ".ndjson"):
-        return _lines(path)
+        return _lines(path, budget)
     return None
 
 
-def _lines(path: Path) -> int:
+def _lines(path: Path, budget: _Budget) -> int:
     """Lines, read a chunk at a time (a last line without its newline counts too)."""
     count = 0
     last = b"\n"
@@ -94,6 +120,8 @@ def _lines(path: Path) -> int:
         while chunk := fh.read(_CHUNK):
             count += chunk.count(b"\n")
             last = chunk[-1:]
+            if budget.enough(count):
+                return count
     return count + (last != b"\n")
 
 

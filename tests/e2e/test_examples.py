@@ -149,3 +149,13 @@ def test_jq_pipeline_prints_mean_ratings_and_pair_counts(tmp_path: Path, how: st
     assert all(1.0 <= float(row[3]) <= 5.0 for row in table)
     pairs, ok = lines[-1].removeprefix("DPO pairs: ").split(", chosen scored above rejected in ")
     assert int(pairs) == int(ok) > 0
+
+
+def test_the_license_file_matches_pyproject_and_the_readme_output_is_ignored() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'license = "Apache-2.0"' in pyproject
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text, "the full text, not a pointer to it"
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "quickstart.ndjson" in ignored, "the README's own output stays out of git"

@@ -198,8 +198,11 @@ def test_set_overrides_keys_for_one_run_and_is_checked_like_the_file(tmp_path: P
     assert len(records) == 6
     assert {r.ultrafeedback_model for r in records} == {"other-judge"}
     assert {len(r.generation_models) for r in records} == {1}
-    plan = sf("validate", str(config), "--set", "generators[0].name=renamed")
+    plan = sf(
+        "validate", str(config), "--set", "generators[0].name=renamed", "--set", "rater.model=2024"
+    )
     assert "  - renamed: sim org/m0" in plan.stdout.decode()
+    assert "judge: sim 2024 " in plan.stdout.decode(), "a key that holds text takes digits as text"
     assert "other-judge" not in config.read_text(), "the file itself is untouched"
 
     for bad, expected in [
