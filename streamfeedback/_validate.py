@@ -8,6 +8,8 @@ to let a mistake show in a second instead of after a long start-up.
 
 from __future__ import annotations
 
+import msgspec
+
 from ._config import Config, EngineConfig, api_key
 from ._exceptions import ConfigError
 from ._stages.source import open_source
@@ -94,7 +96,9 @@ async def check_source(config: Config) -> str:
     """
     if config.source.path == "-":
         return "source: stdin, checked when the run reads it"
-    source = await open_source(config.source)
+    # a Hub dataset is streamed here whatever the config says: its first rows and schema
+    # are all a check needs, not a download of the whole dataset
+    source = await open_source(msgspec.structs.replace(config.source, streaming=True))
     await source.aclose()
     return f"source: {source.name} opens and has the column {config.source.column!r}"
 
