@@ -236,7 +236,7 @@ async def test_openai_base_url_and_key_apply_where_the_config_gives_none(tmp_pat
     config.write_text(
         config.read_text().replace('[rater]\nbackend = "sim"', '[rater]\nbackend = "openai"')
     )
-    async with OpenAIServer(judge_handler(), api_key=KEY, models=["judge"]) as server:
+    async with OpenAIServer(judge_handler(broken=0.0), api_key=KEY, models=["judge"]) as server:
         env = {**os.environ, "OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": KEY}
         with anyio.fail_after(60):
             result = await anyio.run_process(
@@ -279,7 +279,7 @@ async def test_verbosity_flags_work_after_the_subcommand_and_v_shows_requests(
     config.write_text(
         config.read_text().replace('[rater]\nbackend = "sim"', '[rater]\nbackend = "openai"')
     )
-    async with OpenAIServer(judge_handler(), models=["judge"]) as server:
+    async with OpenAIServer(judge_handler(broken=0.0), models=["judge"]) as server:
         config.write_text(
             config.read_text().replace(
                 'model = "judge"\n', f'model = "judge"\nbase_url = "{server.base_url}"\n'
