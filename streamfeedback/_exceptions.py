@@ -115,4 +115,12 @@ class JudgeUnavailable(JudgeError):
 
 
 class SinkError(StreamFeedbackError):
-    """Records cannot be written (stdout closed, disk full)."""
+    """Records cannot be written (stdout closed, disk full).
+
+    `reader_gone` is true when the reader of a pipe went away (`| head -1`): normal in a
+    pipeline, so the CLI stops quietly then.
+    """
+
+    def __init__(self, message: str, *, reader_gone: bool = False) -> None:
+        super().__init__(message)
+        self.reader_gone = reader_gone

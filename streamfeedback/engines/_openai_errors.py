@@ -14,12 +14,11 @@ or Batches call and a line of a batch's output:
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 import openai
 
-from .._config import EngineConfig, api_key_env
+from .._config import EngineConfig, api_key, api_key_env
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -51,7 +50,7 @@ def read_key(config: EngineConfig, base_url: str) -> str:
     :raises MissingKey: the key's variable is not set.
     """
     var = api_key_env(config)
-    key = os.environ.get(var, "") if var else "EMPTY"
+    key = api_key(config)
     if not key:
         raise MissingKey(
             f"environment variable {var} is not set (it should hold the API key for {base_url})"
