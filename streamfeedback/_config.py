@@ -93,7 +93,7 @@ class EngineConfig(_Section, frozen=True, kw_only=True):
     max_concurrency: int | None = None
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
-    timeout: float = 600.0
+    timeout: float = 180.0
     max_retries: int = 5
     rate_limit_patience: float = 900.0
     # openai

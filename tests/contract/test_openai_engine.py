@@ -245,15 +245,48 @@ async def test_slow_answer_times_out() -> None:
         assert engine.statistics().in_flight == 0
 
 
-async def test_connection_refused_is_busy() -> None:
+async def test_connection_refused_is_unavailable_at_once_naming_the_endpoint() -> None:
     async with OpenAIServer(echo_handler()) as server:
         url = server.base_url
-    engine = OpenAIEngine("x", _config(url, max_retries=1), backoff=0.005)
+    engine = OpenAIEngine("x", _config(url, max_retries=5), backoff=0.5)
     try:
-        with pytest.raises(EngineBusy, match="cannot reach"):
+        with anyio.fail_after(5), pytest.raises(EngineUnavailable) as info:
             await engine.generate(_request())
+        assert f"cannot reach {url} (connection refused)" in str(info.value)
+        stats = engine.statistics()
+        assert (stats.requests, stats.retries, stats.failures) == (1, 0, 1)
     finally:
         await engine.aclose()
+
+
+async def test_an_unknown_host_is_unavailable_at_once() -> None:
+    engine = OpenAIEngine("x", _config("http://no-such-host.invalid/v1", max_retries=5))
+    try:
+        with anyio.fail_after(10), pytest.raises(EngineUnavailable) as info:
+            await engine.generate(_request())
+        assert "cannot resolve host 'no-such-host.invalid'" in str(info.value)
+        assert engine.statistics().requests == 1
+    finally:
+        await engine.aclose()
+
+
+async def test_an_endpoint_that_answered_then_went_away_is_retried_then_busy() -> None:
+    async with OpenAIServer(echo_handler()) as server:
+        engine = OpenAIEngine("x", _config(server.base_url, max_retries=2), backoff=0.005)
+        await engine.generate(_request())
+    try:
+        with anyio.fail_after(5), pytest.raises(EngineBusy, match="connection refused"):
+            await engine.generate(_request(1))
+        assert engine.statistics().requests == 4  # the answer, then 1 + 2 retries
+    finally:
+        await engine.aclose()
+
+
+async def test_a_base_url_without_a_host_is_unavailable_at_start() -> None:
+    engine = OpenAIEngine("x", _config("localhost:8000/v1"))
+    with pytest.raises(EngineUnavailable, match="not an http"):
+        await engine.start()
+    await engine.aclose()
 
 
 async def test_stricter_provider_limit_is_adopted() -> None:
