@@ -246,10 +246,13 @@ class PipelineConfig(_Section, frozen=True, kw_only=True):
 
     buffer: int = 64
     drain_timeout: float = 60.0
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.buffer < 1:
             raise ValueError("`buffer` must be at least 1")
+        if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
+            raise ValueError("`metrics_port` must be a TCP port, 1 to 65535")
 
 
 class Config(_Section, frozen=True, kw_only=True):
