@@ -36,6 +36,7 @@ import os
 import random
 import re
 import time
+import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
@@ -157,6 +158,8 @@ class OpenAIEngine:
         self._api_key = ""
         self._closed = False
         self._answered = False
+        self._proxy: yarl.URL | None = None
+        self._proxy_auth: aiohttp.BasicAuth | None = None
         self._requests = 0
         self._completions = 0
         self._retries = 0
@@ -197,9 +200,9 @@ class OpenAIEngine:
             if os.environ.get(var):
                 headers[header] = os.environ[var]
         # A connection kept per request in flight, so a busy engine never reopens them; the
-        # limiter, not the pool, bounds what is in flight. `trust_env` honours proxy
-        # variables as the SDK's httpx client did.
+        # limiter, not the pool, bounds what is in flight.
         connections = max(1, self.config.concurrency)
+        self._proxy, self._proxy_auth = _env_proxy(self._url)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=connections, limit_per_host=0),
             headers=headers,
@@ -207,7 +210,6 @@ class OpenAIEngine:
                 total=self.config.timeout,
                 sock_connect=min(_CONNECT_TIMEOUT, self.config.timeout),
             ),
-            trust_env=True,
             raise_for_status=False,
         )
 
@@ -302,7 +304,9 @@ class OpenAIEngine:
             self._requests += 1
             self._in_flight += 1
             try:
-                async with session.post(self._url, data=data) as response:
+                async with session.post(
+                    self._url, data=data, proxy=self._proxy, proxy_auth=self._proxy_auth
+                ) as response:
                     status = response.status
                     headers = response.headers
                     content = await response.read()
@@ -457,6 +461,20 @@ class OpenAIEngine:
 
 def _retryable(err: EngineError) -> bool:
     return not isinstance(err, (EngineRequestError, EngineUnavailable))
+
+
+def _env_proxy(url: yarl.URL) -> tuple[yarl.URL | None, aiohttp.BasicAuth | None]:
+    """The proxy the environment names for `url` (`HTTPS_PROXY`, `NO_PROXY`...), as the SDK's
+    httpx client honoured it: looked up once, where aiohttp's `trust_env` would look it up
+    (and `.netrc`) in a worker thread for every request."""
+    if url.host is None or urllib.request.proxy_bypass(url.host):
+        return None, None
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if not proxy:
+        return None, None
+    proxy_url = yarl.URL(proxy)
+    auth = aiohttp.BasicAuth.from_url(proxy_url)
+    return proxy_url.with_user(None), auth
 
 
 def _error_body(content: bytes) -> object:
