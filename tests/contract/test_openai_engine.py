@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.abc
 import msgspec
 import pytest
 
@@ -434,3 +435,44 @@ async def test_odd_usage_or_finish_fields_do_not_throw_a_good_answer_away(extra:
         assert len(server.requests) == 1
     assert completion.text == "kept" and completion.finish_reason is None
     assert (completion.prompt_tokens, completion.completion_tokens) == (0, 0)
+
+
+async def test_without_base_url_the_sdk_variables_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with OpenAIServer(echo_handler()) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+        monkeypatch.setenv("OPENAI_ORG_ID", "org-test")
+        config = msgspec.convert({"backend": "openai", "model": "echo-7b"}, GeneratorConfig)
+        engine = OpenAIEngine("echo-7b", config)
+        try:
+            await engine.generate(_request())
+        finally:
+            await engine.aclose()
+        headers = server.requests[-1].headers
+        assert headers["authorization"] == f"Bearer {SECRET}"
+        assert headers["openai-organization"] == "org-test"
+
+
+async def test_a_connection_dropped_without_an_answer_is_retried_then_busy() -> None:
+    dropped = 0
+
+    async def drop(stream: anyio.abc.SocketStream) -> None:
+        nonlocal dropped
+        async with stream:
+            await stream.receive()  # the request, then close without a word
+            dropped += 1
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, drop)
+        url = f"http://127.0.0.1:{port}/v1"
+        engine = OpenAIEngine("x", _config(url, max_retries=2), backoff=0.005)
+        try:
+            with anyio.fail_after(5), pytest.raises(EngineBusy, match=f"connection to {url} lost"):
+                await engine.generate(_request())
+        finally:
+            await engine.aclose()
+            tg.cancel_scope.cancel()
+    assert dropped == 3
+    assert engine.statistics().in_flight == 0
