@@ -261,9 +261,10 @@ class OpenAIEngine:
                     continue
                 if not _retryable(err) or attempt >= self.config.max_retries:
                     self._failures += 1
-                    level = (
-                        logging.DEBUG if isinstance(err, EngineRequestError) else logging.WARNING
-                    )
+                    # Callers report an unusable engine once (a generator leaves routing, the
+                    # judge stops the run), so one line per request would only repeat it.
+                    quiet = isinstance(err, (EngineRequestError, EngineUnavailable))
+                    level = logging.DEBUG if quiet else logging.WARNING
                     logger.log(
                         level,
                         "%s: request %s failed after %d attempt(s): %s",
