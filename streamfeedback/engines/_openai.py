@@ -348,6 +348,8 @@ class OpenAIEngine:
             exc.os_error, ConnectionRefusedError
         ):
             reason = "connection refused"
+        elif isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.strerror:
+            reason = exc.os_error.strerror.lower()  # "network is unreachable", ...
         else:
             reason = type(exc).__name__
         if self._answered:

@@ -1,5 +1,6 @@
-"""The real `openai` SDK against an OpenAI-compatible server on 127.0.0.1: the contract, the
-error mapping, the retries, and a limiter that never trips a strict server-side limit."""
+"""The OpenAI backend against an OpenAI-compatible server on 127.0.0.1 over real sockets: the
+contract, the error mapping, the retries, and a limiter that never trips a strict server-side
+limit."""
 
 from __future__ import annotations
 
@@ -329,7 +330,7 @@ async def test_a_burst_never_trips_a_strict_server_limit() -> None:
 
     limiter = RateLimiter(max_concurrency=64, requests_per_minute=rpm, window=window)
     async with _engine(handler, limiter=limiter, max_retries=0) as (engine, server):
-        await engine.generate(_request())  # the SDK's first call is slow (platform sniffing)
+        await engine.generate(_request())  # warm: the first call opens the connection
         armed = True
         with anyio.fail_after(15):
             async with anyio.create_task_group() as tg:
