@@ -183,12 +183,19 @@ class OpenAIEngine:
                 self.name, f"base_url {self.base_url!r} is not an http(s) URL with a host"
             )
         var = api_key_env(self.config)
-        key = os.environ.get(var, "") if var else "EMPTY"
+        # Stripped: a trailing newline from `export KEY=$(cat keyfile)` is no part of the key.
+        key = os.environ.get(var, "").strip() if var else "EMPTY"
         if not key:
             raise EngineUnavailable(
                 self.name,
                 f"environment variable {var} is not set (it should hold the API key "
                 f"for {self.base_url})",
+            )
+        if not key.isascii() or not key.isprintable() or " " in key:
+            raise EngineUnavailable(
+                self.name,
+                f"the API key in {var} has a character an HTTP header cannot carry (not ASCII, "
+                "a space or a control character): check the variable",
             )
         self._api_key = key
         headers = {

@@ -207,6 +207,31 @@ async def test_missing_key_variable_is_unavailable(monkeypatch: pytest.MonkeyPat
     await engine.aclose()
 
 
+@pytest.mark.parametrize("key", [SECRET + "\n", "\t" + SECRET + "  "])
+async def test_whitespace_around_the_key_is_dropped(
+    monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    monkeypatch.setenv("SF_TEST_KEY", key)
+    async with _engine(echo_handler(), api_key_env="SF_TEST_KEY") as (engine, server):
+        await engine.generate(_request())
+        assert server.requests[-1].headers["authorization"] == f"Bearer {SECRET}"
+
+
+@pytest.mark.parametrize("key", ["sk-caf\u00e9-0123456789", "sk-abc\n0123456789", "sk abc"])
+async def test_a_key_a_header_cannot_carry_is_unavailable_and_never_shown(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, key: str
+) -> None:
+    monkeypatch.setenv("SF_TEST_KEY", key)
+    async with OpenAIServer(echo_handler()) as server:
+        engine = OpenAIEngine("x", _config(server.base_url, api_key_env="SF_TEST_KEY"))
+        with caplog.at_level(logging.DEBUG), pytest.raises(EngineUnavailable) as info:
+            await engine.generate(_request())
+        await engine.aclose()
+        assert not server.requests
+    assert "SF_TEST_KEY has a character an HTTP header cannot carry" in str(info.value)
+    assert key.strip() not in str(info.value) and key.strip() not in caplog.text
+
+
 async def test_400_is_a_request_error_without_retry() -> None:
     reply = Reply.failure(400, "This model's maximum context length is 4096 tokens.")
     async with _engine(lambda _: reply, max_retries=3) as (engine, server):
