@@ -371,8 +371,13 @@ async def _run(args: argparse.Namespace) -> int:
         "generate" if args.command == "generate" else "rate" if args.command == "rate" else "run"
     )
     metrics_at = _metrics_port(config, args.config, args.metrics_port)
-    source = await open_source(config.source) if mode != "rate" else None
     metrics = await _metrics_server(args.config, metrics_at) if metrics_at is not None else None
+    try:
+        source = await open_source(config.source) if mode != "rate" else None
+    except BaseException:
+        if metrics is not None:
+            await metrics.aclose()
+        raise
 
     started = time.monotonic()
     interrupted = False

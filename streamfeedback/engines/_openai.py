@@ -154,7 +154,10 @@ class OpenAIEngine:
         self._max_backoff = max_backoff
         self._patience = config.rate_limit_patience
         self._session: aiohttp.ClientSession | None = None
-        self._url = yarl.URL(self.base_url + "/chat/completions")
+        try:
+            self._url = yarl.URL(self.base_url + "/chat/completions")
+        except ValueError:
+            self._url = yarl.URL()  # `start` refuses it, naming base_url
         self._api_key = ""
         self._closed = False
         self._answered = False
@@ -203,9 +206,9 @@ class OpenAIEngine:
             "Content-Type": "application/json",
             "User-Agent": "streamfeedback",
         }
-        for var, header in _SDK_HEADERS:  # the SDK's own variables, sent as the SDK does
-            if os.environ.get(var):
-                headers[header] = os.environ[var]
+        for env, header in _SDK_HEADERS:  # the SDK's own variables, sent as the SDK does
+            if os.environ.get(env):
+                headers[header] = os.environ[env].strip()
         # A connection kept per request in flight, so a busy engine never reopens them; the
         # limiter, not the pool, bounds what is in flight.
         connections = max(1, self.config.concurrency)

@@ -309,8 +309,9 @@ async def test_an_endpoint_that_answered_then_went_away_is_retried_then_busy() -
         await engine.aclose()
 
 
-async def test_a_base_url_without_a_host_is_unavailable_at_start() -> None:
-    engine = OpenAIEngine("x", _config("localhost:8000/v1"))
+@pytest.mark.parametrize("url", ["localhost:8000/v1", "http://[::1/v1", "ftp://host/v1"])
+async def test_a_base_url_that_is_no_http_url_is_unavailable_at_start(url: str) -> None:
+    engine = OpenAIEngine("x", _config(url))
     with pytest.raises(EngineUnavailable, match="not an http"):
         await engine.start()
     await engine.aclose()
