@@ -18,15 +18,21 @@ from typing import TYPE_CHECKING
 
 import anyio
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.registry import Collector
+
+try:
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
+    from prometheus_client.process_collector import ProcessCollector
+    from prometheus_client.registry import Collector
+except ImportError as exc:
+    raise ImportError(
+        "streamfeedback.metrics needs prometheus_client: pip install 'streamfeedback[metrics]'"
+    ) from exc
 
 if TYPE_CHECKING:
     from ._pipeline import Pipeline

@@ -233,3 +233,13 @@ async def test_the_library_exposes_the_same_figures() -> None:
     text = generate_latest(registry).decode()
     assert "streamfeedback_records_total 12.0" in text
     assert 'streamfeedback_generation_seconds_count{model="alpha"}' in text
+
+
+async def test_the_library_module_without_prometheus_client_names_the_pip_line() -> None:
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None\n"
+        "try:\n    import streamfeedback.metrics\n"
+        "except ImportError as exc:\n    print(exc)\n"
+    )
+    result = await anyio.run_process([sys.executable, "-c", code])
+    assert b"pip install 'streamfeedback[metrics]'" in result.stdout
