@@ -9,6 +9,8 @@ clients. Each round runs the CLI (`backend = "openai"` for all seven engines, re
 and `bare_client.py` (the same requests, nothing else), in alternating order, each in a fresh
 process: wall time from spawn to exit, client CPU from the child's rusage. Prints each run,
 then the medians and the ratios CLI / bare (targets: wall <= 1.1x, CPU per request <= 1.5x).
+`--baseline-python PY` adds a third contender in the same rounds: `PY -m streamfeedback run`,
+another checkout's interpreter (say, the one before a change), on the same config.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ def _child_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _timed(argv: list[str]) -> tuple[float, float]:
+def _timed(argv: list[str], cwd: Path) -> tuple[float, float]:
+    """Run in `cwd` (not the checkout), so `-m streamfeedback` imports the interpreter's own."""
     cpu, started = _child_cpu(), time.perf_counter()
-    subprocess.run(argv, check=True)
+    subprocess.run(argv, check=True, cwd=cwd)
     return time.perf_counter() - started, _child_cpu() - cpu
 
 
@@ -50,6 +53,7 @@ def main() -> int:
     parser.add_argument("--sim-output-tokens", type=int, default=256)
     parser.add_argument("--judge-latency", type=float, default=0.0)
     parser.add_argument("--judge-slots", type=int, default=64)
+    parser.add_argument("--baseline-python", help="also run PY -m streamfeedback (elsewhere)")
     args = parser.parse_args()
     server_args = [
         f"--sim-tpot={args.sim_tpot}",
@@ -65,6 +69,8 @@ def main() -> int:
         text=True,
     )
     runs: dict[str, list[tuple[float, float]]] = {"cli": [], "bare": []}
+    if args.baseline_python:
+        runs["base"] = []
     try:
         assert server.stdout is not None
         base_url = server.stdout.readline().strip()
@@ -86,14 +92,17 @@ def main() -> int:
                 str(folder / "bare.ndjson"),
                 f"--judge-concurrency={args.judge_slots}",
             ]
+            argv = {"cli": cli, "bare": bare}
+            if args.baseline_python:
+                argv["base"] = [args.baseline_python, *cli[1:]]
             for r in range(args.rounds):
-                order = ("cli", "bare") if r % 2 == 0 else ("bare", "cli")
+                order = list(runs) if r % 2 == 0 else list(reversed(runs))
                 for who in order:
                     for leftover in folder.glob("out.ndjson*"):
                         leftover.unlink()
-                    wall, cpu = _timed(cli if who == "cli" else bare)
-                    lines = (folder / ("out.ndjson" if who == "cli" else "bare.ndjson")).read_text()
-                    records = len(lines.splitlines())
+                    wall, cpu = _timed(argv[who], folder)
+                    written = folder / ("bare.ndjson" if who == "bare" else "out.ndjson")
+                    records = len(written.read_text().splitlines())
                     runs[who].append((wall, cpu))
                     print(f"round {r} {who:4s} wall_s={wall:.2f} cpu_s={cpu:.2f} records={records}")
     finally:
@@ -109,10 +118,11 @@ def main() -> int:
             f"median {who:4s} wall_s={wall:.2f} cpu_s={cpu:.2f} "
             f"cpu_ms_per_request={cpu / requests * 1e3:.3f}"
         )
-    print(
-        f"ratio cli/bare: wall={med['cli'][0] / med['bare'][0]:.2f} "
-        f"cpu={med['cli'][1] / med['bare'][1]:.2f}"
-    )
+    for who in [w for w in med if w != "bare"]:
+        print(
+            f"ratio {who}/bare: wall={med[who][0] / med['bare'][0]:.2f} "
+            f"cpu={med[who][1] / med['bare'][1]:.2f}"
+        )
     return 0
 
 
