@@ -8,7 +8,9 @@ input, 130 interrupted before the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import importlib.util
 import logging
 import os
 import signal
@@ -16,6 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -36,6 +39,9 @@ from ._progress import show_progress
 from ._stages.sink import NdjsonWriter, drain, read_done_ids
 from ._stages.source import open_source
 from ._total import Total
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -155,6 +161,14 @@ def _parser() -> argparse.ArgumentParser:
             "host, cover the source once and their outputs concatenate",
         )
     run.add_argument("--spool", help="the spool file (default: beside a file output)")
+    for cmd in (run, generate, rate):
+        cmd.add_argument(
+            "--metrics-port",
+            type=int,
+            metavar="PORT",
+            help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics while the run "
+            "works (default: [pipeline] metrics_port)",
+        )
     generate.add_argument(
         "--spool", help="the spool file (default: [spool] path, or beside the output file)"
     )
@@ -263,8 +277,12 @@ def _setup_logging(level: int) -> None:
             level, logging.DEBUG if level > 0 else logging.ERROR
         )
     )
-    # -v: every HTTP request with its status (httpx logs one line each); -vv: connections.
-    # Neither logs headers, so no key reaches stderr.
+    # -v: every HTTP request with its status (the OpenAI backend logs one line each at DEBUG;
+    # the SDK's Batch API client through httpx); -vv: connections. None logs headers, so no
+    # key reaches stderr.
+    logging.getLogger("streamfeedback.connections").setLevel(
+        logging.DEBUG if level >= 2 else logging.WARNING
+    )
     libraries = (("httpx", 1), ("httpx2", 1), ("httpcore", 2), ("httpcore2", 2))
     for name, needed in libraries:
         lib = logging.getLogger(name)
@@ -283,6 +301,7 @@ async def _validate(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     try:
         check_environment(config, path)
+        _metrics_port(config, path, None)
         log.info("%s", await check_source(config))
         if args.probe:
             for line in await probe(config, path):
@@ -291,6 +310,46 @@ async def _validate(args: argparse.Namespace) -> int:
         log.error("%s (the run would stop here)", exc)
         return EXIT_USAGE
     return EXIT_OK
+
+
+def _metrics_port(config: Config, path: str, flag: int | None) -> tuple[int, str] | None:
+    """The port to serve metrics on and the key that set it, or None for no metrics.
+
+    :raises ConfigError: a port out of range, or `prometheus_client` missing.
+    """
+    if flag is None and config.pipeline.metrics_port is None:
+        return None
+    key = "--metrics-port" if flag is not None else "pipeline.metrics_port"
+    port = flag if flag is not None else config.pipeline.metrics_port
+    assert port is not None
+    if not 1 <= port <= 65535:
+        raise ConfigError(path, key, f"{port} is not a TCP port (1 to 65535)")
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise ConfigError(
+            path,
+            key,
+            "metrics need prometheus_client: pip install 'streamfeedback[metrics]'",
+        )
+    return port, key
+
+
+async def _metrics_server(config_path: str, where: tuple[int, str]) -> MetricsServer:
+    """A started `MetricsServer`, so a port in use stops the run before any work.
+
+    :raises ConfigError: naming the port and why it cannot be bound.
+    """
+    from .metrics import MetricsServer
+
+    port, key = where
+    server = MetricsServer(port)
+    try:
+        await server.start()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(
+            config_path, key, f"cannot serve metrics on 127.0.0.1:{port}: {reason}"
+        ) from None
+    return server
 
 
 def _run_blocking(args: argparse.Namespace) -> int:
@@ -342,7 +401,14 @@ async def _run(args: argparse.Namespace) -> int:
     mode: Mode = (
         "generate" if args.command == "generate" else "rate" if args.command == "rate" else "run"
     )
-    source = await open_source(config.source) if mode != "rate" else None
+    metrics_at = _metrics_port(config, args.config, args.metrics_port)
+    metrics = await _metrics_server(args.config, metrics_at) if metrics_at is not None else None
+    try:
+        source = await open_source(config.source) if mode != "rate" else None
+    except BaseException:
+        if metrics is not None:
+            await metrics.aclose()
+        raise
 
     started = time.monotonic()
     interrupted = False
@@ -382,6 +448,7 @@ async def _run(args: argparse.Namespace) -> int:
                 with anyio.CancelScope() as run_scope:
                     tg.start_soon(watch_signals, run_scope)
                     async with (
+                        metrics if metrics is not None else contextlib.nullcontext(),
                         Pipeline(
                             config,
                             skip_ids=skip,
@@ -393,6 +460,8 @@ async def _run(args: argparse.Namespace) -> int:
                         ) as pipeline,
                         NdjsonWriter(out) as writer,
                     ):
+                        if metrics is not None:
+                            metrics.watch(pipeline)
                         records = pipeline.run(source)
                         if args.progress:
                             total = Total()

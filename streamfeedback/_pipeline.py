@@ -27,10 +27,12 @@ from anyio.abc import TaskGroup
 from ._channels import Receiver, Sender, open_channel
 from ._config import Config, check_config, check_environment
 from ._exceptions import EngineUnavailable, SourceError
+from ._gauges import SECONDS_BUCKETS
 from ._groups import unwrap_group
 from ._idset import IdSet
 from ._judge.judge import Judge
 from ._pool import Pool
+from ._pricing import judge_cost
 from ._records import (
     ChatRequest,
     Completion,
@@ -47,7 +49,14 @@ from ._stages.source import SourceProblem, open_source
 from ._stages.spool import Spool, scan_spool
 from .engines import Engine, make_engine
 
-__all__ = ["Mode", "Pipeline", "PipelineStatistics", "RecordStream", "unwrap_group"]
+__all__ = [
+    "Mode",
+    "ModelStatistics",
+    "Pipeline",
+    "PipelineStatistics",
+    "RecordStream",
+    "unwrap_group",
+]
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -58,8 +67,23 @@ PromptInput = Prompt | SourceProblem | str | Mapping[str, Any]
 Mode = Literal["run", "generate", "rate"]
 
 
+class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """One generator's requests. `seconds_buckets[i]` counts answers that took at most
+    `seconds_bounds[i]` seconds (and more than the bound before); the last, longer ones."""
+
+    in_flight: int
+    requests: int
+    failures: int
+    tokens: int
+    seconds_sum: float
+    seconds_bounds: tuple[float, ...] = SECONDS_BUCKETS
+    seconds_buckets: tuple[int, ...] = ()
+
+
 class PipelineStatistics(msgspec.Struct, frozen=True, kw_only=True):
-    """A snapshot of a run: what came in, what went out, what is in flight."""
+    """A snapshot of a run: what came in, what went out, what is in flight.
+
+    The Prometheus endpoint (`streamfeedback.metrics`) serves exactly these figures."""
 
     read: int
     skipped: int
@@ -72,6 +96,14 @@ class PipelineStatistics(msgspec.Struct, frozen=True, kw_only=True):
     judge_requests: int
     judge_reasks: int
     null_ratings: int
+    judge_rate_limited: int = 0
+    judge_prompt_tokens: int = 0
+    judge_completion_tokens: int = 0
+    judge_cost_dollars: float | None = None
+    """None when the judge's price is unknown (see `[rater] input_cost_per_mtok`)."""
+    spool_backlog: int = 0
+    """Spooled prompts the judge has not taken yet."""
+    models: dict[str, ModelStatistics] = {}
 
 
 class RecordStream:
@@ -180,6 +212,7 @@ class Pipeline:
         self.spooled_ids = IdSet()
         self.batched_ids = IdSet()
         self.spool: Spool | None = None
+        self._spool_entries = 0
         self.limit = limit
         self.shard = shard
         if shard is not None and not 0 <= shard[0] < shard[1]:
@@ -259,6 +292,7 @@ class Pipeline:
             )
         self.spooled_ids = spooled
         self.spool = Spool(path, cache=self.config.spool.cache, done=self.skip_ids)
+        self._spool_entries = entries
         if entries:
             log.info(
                 "spool %s holds %d generated prompts; they will not be generated again",
@@ -410,6 +444,11 @@ class Pipeline:
 
     def statistics(self) -> PipelineStatistics:
         judge = self.judge.statistics()
+        usage = getattr(self.judge_engine, "statistics", None)
+        engine = usage() if usage is not None else None
+        prompt_tokens = getattr(engine, "prompt_tokens", 0)
+        completion_tokens = getattr(engine, "completion_tokens", 0)
+        spool = self.spool
         return PipelineStatistics(
             read=self._read,
             skipped=self._skipped,
@@ -422,6 +461,30 @@ class Pipeline:
             judge_requests=judge.requests,
             judge_reasks=judge.reasks,
             null_ratings=judge.null_ratings,
+            judge_rate_limited=getattr(engine, "rate_limited", 0),
+            judge_prompt_tokens=prompt_tokens,
+            judge_completion_tokens=completion_tokens,
+            judge_cost_dollars=judge_cost(self.config.rater, prompt_tokens, completion_tokens),
+            spool_backlog=0
+            if spool is None
+            else max(
+                0,
+                self._spool_entries
+                + spool.appended
+                - spool.read_from_file
+                - spool.read_from_memory,
+            ),
+            models={
+                name: ModelStatistics(
+                    in_flight=g.in_flight,
+                    requests=g.done + g.failed,
+                    failures=g.failed,
+                    tokens=g.tokens,
+                    seconds_sum=g.seconds_sum,
+                    seconds_buckets=tuple(g.seconds_buckets),
+                )
+                for name, g in self.gauges.items()
+            },
         )
 
     def _count(self, record: Record) -> None:
