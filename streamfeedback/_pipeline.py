@@ -27,6 +27,7 @@ from anyio.abc import TaskGroup
 from ._channels import Receiver, Sender, open_channel
 from ._config import Config, check_config, check_environment
 from ._exceptions import EngineUnavailable, SourceError, StreamFeedbackError
+from ._files import hold
 from ._idset import IdSet
 from ._judge.judge import Judge
 from ._pool import Pool
@@ -179,6 +180,7 @@ class Pipeline:
         self.spooled_ids = IdSet()
         self.batched_ids = IdSet()
         self.spool: Spool | None = None
+        self._spool_lock: int | None = None
         self.limit = limit
         self.shard = shard
         if shard is not None and not 0 <= shard[0] < shard[1]:
@@ -205,6 +207,13 @@ class Pipeline:
 
     async def __aenter__(self) -> Pipeline:
         check_environment(self.config)
+        try:
+            return await self._enter()
+        except BaseException:
+            self._release_spool()
+            raise
+
+    async def _enter(self) -> Pipeline:
         if self.spool_path is not None:
             await self._open_spool(self.spool_path)
         if self.mode == "run" and self.config.rater.mode == "batch":
@@ -247,11 +256,23 @@ class Pipeline:
             if self._records is not None:
                 self._records_rx.close()
             await self._close_engines()
+            self._release_spool()
+
+    def _release_spool(self) -> None:
+        lock, self._spool_lock = self._spool_lock, None
+        if lock is not None:
+            os.close(lock)
 
     async def _open_spool(self, path: str) -> None:
         if self.mode == "rate" and not await anyio.Path(path).exists():
             raise SourceError(path, None, "no such spool file")
-        spooled, entries, torn = await anyio.to_thread.run_sync(scan_spool, path)
+        # Held for the whole run: a writer alone, readers (`rate`) together. Only then may a
+        # torn last line be cut: it cannot be another run's line in progress.
+        reading = self.mode == "rate"
+        self._spool_lock = await anyio.to_thread.run_sync(partial(hold, path, shared=reading))
+        spooled, entries, torn = await anyio.to_thread.run_sync(
+            partial(scan_spool, path, repair=not reading)
+        )
         if torn:
             log.warning(
                 "%s: cut a torn last line (%d bytes) left by an interrupted run", path, torn

@@ -27,7 +27,8 @@ import anyio.to_thread
 import msgspec
 
 from .._channels import Receiver, Sender
-from .._exceptions import SinkError, SourceError
+from .._exceptions import SinkError
+from .._files import append_whole, read_lines
 from .._idset import IdSet
 from .._records import Generation, Joined, Prompt
 from .sink import scan_ids
@@ -35,9 +36,6 @@ from .sink import scan_ids
 __all__ = ["Spool", "SpoolEntry", "SpoolGeneration", "read_spool", "scan_spool"]
 
 log = logging.getLogger("streamfeedback.spool")
-
-_CHUNK = 1 << 20
-
 
 class SpoolGeneration(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     model: str
@@ -117,11 +115,6 @@ def scan_spool(path: str, *, repair: bool = True) -> tuple[IdSet, int, int]:
     return scan_ids(path, repair=repair)
 
 
-def _read_chunk(fh: BinaryIO, offset: int) -> bytes:
-    fh.seek(offset)
-    return fh.read(_CHUNK)
-
-
 def _entries(path: str, chunk: bytes, offset: int) -> Iterator[tuple[int, SpoolEntry | None]]:
     """(size, entry) for each whole line of `chunk`; None for a line that does not decode."""
     start = 0
@@ -161,15 +154,15 @@ class Spool:
         self.read_from_memory = 0
 
     async def write(self, joined: Receiver[Joined], *, batch: int = 256) -> None:
-        """Append everything from `joined`; batches what is already waiting into one write."""
-        parent = os.path.dirname(self.path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
+        """Append everything from `joined`; batches what is already waiting into one write.
+
+        A write that fails (a full disk) is rolled back to the last whole line.
+        """
         try:
-            fh = await anyio.to_thread.run_sync(open, self.path, "ab")
+            fd = await anyio.to_thread.run_sync(_open_append, self.path)
         except OSError as exc:
             raise SinkError(f"{self.path}: cannot open the spool: {exc.strerror}") from exc
-        self._end = self._initial_end = await anyio.to_thread.run_sync(os.path.getsize, self.path)
+        self._end = self._initial_end = os.fstat(fd).st_size
         self._notify()
         buf = bytearray()
         try:
@@ -191,7 +184,7 @@ class Spool:
                     data = bytes(buf)
                     with anyio.CancelScope(shield=True):
                         try:
-                            await anyio.to_thread.run_sync(_write_flush, fh, data)
+                            await anyio.to_thread.run_sync(append_whole, fd, data, self._end)
                         except OSError as exc:
                             raise SinkError(
                                 f"{self.path}: cannot write the spool: {exc.strerror}"
@@ -208,8 +201,7 @@ class Spool:
         finally:
             self._writer_done = True
             self._notify()
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(fh.close)
+            os.close(fd)
 
     def finish(self) -> None:
         """No writer for this run: read what the file holds, then end."""
@@ -245,10 +237,15 @@ class Spool:
                         continue
                     if fh is None:
                         fh = await anyio.to_thread.run_sync(open, self.path, "rb")
-                    chunk = await anyio.to_thread.run_sync(_read_chunk, fh, cursor)
-                    chunk = chunk[: max(0, self._end - cursor)]
-                    if b"\n" not in chunk:
-                        raise SourceError(self.path, None, f"unterminated spool line at {cursor}")
+                    chunk = await anyio.to_thread.run_sync(read_lines, fh, cursor, self._end)
+                    if not chunk:
+                        log.warning(
+                            "%s: byte %d: a torn last line (%d bytes) left unread",
+                            self.path,
+                            cursor,
+                            self._end - cursor,
+                        )
+                        return
                     for size, entry in _entries(self.path, chunk, cursor):
                         self._cache.pop(cursor, None)
                         cursor += size
@@ -272,21 +269,20 @@ class Spool:
         return offset >= self._initial_end or seen.add(prompt_id)
 
 
-def _write_flush(fh: BinaryIO, data: bytes) -> None:
-    fh.write(data)
-    fh.flush()
+def _open_append(path: str) -> int:
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
 
 async def read_spool(path: str) -> AsyncIterator[Joined]:
     """Every entry of a finished spool file, in order (for tests and tools)."""
     with open(path, "rb") as fh:  # noqa: ASYNC230 - small reads, tests and tools only
+        end = os.fstat(fh.fileno()).st_size
         offset = 0
-        while chunk := fh.read(_CHUNK):
-            cut = chunk.rfind(b"\n") + 1
-            for size, entry in _entries(path, chunk[:cut], offset):
+        while chunk := read_lines(fh, offset, end):
+            for size, entry in _entries(path, chunk, offset):
                 offset += size
                 if entry is not None:
                     yield entry.to_joined()
-            fh.seek(offset)
-            if cut == 0:
-                break
