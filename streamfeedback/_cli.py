@@ -307,7 +307,7 @@ def _prepare(
     skip = IdSet()
     if out != "-":
         held.append(hold(out))
-    if out != "-" and args.resume and os.path.exists(out):
+    if out != "-" and args.resume and os.path.getsize(out):
         skip, torn = read_done_ids(out)
         if torn:
             log.warning("%s: cut a torn last line (%d bytes) left by an interrupted run", out, torn)

@@ -35,6 +35,7 @@ from ._records import (
     ChatRequest,
     Completion,
     Failure,
+    Generation,
     GenerationJob,
     Joined,
     Prompt,
@@ -122,9 +123,11 @@ class Pipeline:
     cancellation. It runs in the caller's event loop. `engines` and `judge_engine` replace
     the engines the config names (tests, embedding with engines you already hold).
 
-    With a spool (`spool_path`, or `[spool] path`), every joined prompt is logged to it before
-    rating, and prompts already in it are rated, not generated again. `mode="generate"` stops
-    after the spool (no judge); `mode="rate"` rates what a spool holds (no generators).
+    With a spool (`spool_path`, or `[spool] path`), every response is logged to it as it
+    arrives and the judge reads joined prompts from it; prompts already in it are rated, not
+    generated again, and those in it in part get only their missing responses.
+    `mode="generate"` stops after the spool (no judge); `mode="rate"` rates what a spool
+    holds (no generators).
     `skip_ids` are prompts already in the output: neither generated nor rated.
     """
 
@@ -178,6 +181,7 @@ class Pipeline:
             skip_ids = table
         self.skip_ids = skip_ids
         self.spooled_ids = IdSet()
+        self.resumed: dict[str, tuple[tuple[str, ...], frozenset[int]]] = {}
         self.batched_ids = IdSet()
         self.spool: Spool | None = None
         self._spool_lock: int | None = None
@@ -270,20 +274,40 @@ class Pipeline:
         # torn last line be cut: it cannot be another run's line in progress.
         reading = self.mode == "rate"
         self._spool_lock = await anyio.to_thread.run_sync(partial(hold, path, shared=reading))
-        spooled, entries, torn = await anyio.to_thread.run_sync(
-            partial(scan_spool, path, repair=not reading)
-        )
-        if torn:
+        scan = await anyio.to_thread.run_sync(partial(scan_spool, path, repair=not reading))
+        if scan.torn:
             log.warning(
-                "%s: cut a torn last line (%d bytes) left by an interrupted run", path, torn
+                "%s: cut a torn last line (%d bytes) left by an interrupted run", path, scan.torn
             )
-        self.spooled_ids = spooled
-        self.spool = Spool(path, cache=self.config.spool.cache, done=self.skip_ids)
-        if entries:
+        self.spooled_ids = scan.complete
+        # A prompt spooled in part keeps its models, unless one has left the pool since: then
+        # it is routed afresh (the old responses stay in the file, unused).
+        self.resumed = {
+            key: known
+            for key, known in scan.partial.items()
+            if all(model in self.engines for model in known[0])
+        }
+        self.spool = Spool(
+            path, cache=self.config.spool.cache, done=self.skip_ids, resumed=self.resumed
+        )
+        if len(scan.complete):
             log.info(
                 "spool %s holds %d generated prompts; they will not be generated again",
                 path,
-                entries,
+                len(scan.complete),
+            )
+        if scan.partial and reading:
+            log.warning(
+                "spool %s holds %d prompts generated in part; `run` or `generate` completes them",
+                path,
+                len(scan.partial),
+            )
+        elif scan.partial:
+            log.info(
+                "spool %s holds %d prompts generated in part; only their missing responses "
+                "will be asked for",
+                path,
+                len(scan.partial),
             )
 
     def run(
@@ -374,14 +398,21 @@ class Pipeline:
                 batch_size=cfg.routing.batch_size,
                 seed=cfg.routing.seed,
                 available=self.pool.available,
+                resumed=self.resumed,
             ),
             name="routing",
         )
         if self.spool is None:
-            tg.start_soon(self._generate, queues_rx, to_judge, failures.clone(), name="generation")
+            tg.start_soon(
+                partial(self._generate, queues_rx, failures.clone(), joined=to_judge),
+                name="generation",
+            )
             return
-        spool_tx, spool_rx = open_channel[Joined](size)
-        tg.start_soon(self._generate, queues_rx, spool_tx, failures.clone(), name="generation")
+        spool_tx, spool_rx = open_channel[Generation](size)
+        tg.start_soon(
+            partial(self._generate, queues_rx, failures.clone(), spool=spool_tx),
+            name="generation",
+        )
         tg.start_soon(self.spool.write, spool_rx, name="spool-writer")
         if self.mode == "generate":
             to_judge.close()
@@ -391,13 +422,22 @@ class Pipeline:
     async def _generate(
         self,
         queues: Mapping[str, Receiver[GenerationJob]],
-        joined: Sender[Joined],
         failures: Sender[Failure],
+        *,
+        joined: Sender[Joined] | None = None,
+        spool: Sender[Generation] | None = None,
     ) -> None:
-        """Every engine's worker pool, joined by gather; then free the generators at once
-        (rating may go on for a long time)."""
+        """Every engine's worker pool, joined by gather (or each response to the spool);
+        then free the generators at once (rating may go on for a long time)."""
         cfg = self.config
-        async with gather.Gather(joined, failures, on_complete=self.pool.forget) as join:
+        async with gather.Gather(
+            joined,
+            failures,
+            spool=spool,
+            resumed=self.resumed,
+            on_complete=self.pool.forget,
+            on_failed=self.spool.drop if self.spool is not None else None,
+        ) as join:
             async with anyio.create_task_group() as tg:
                 for name, queue in queues.items():
                     gen_config = self._generator_configs[name]

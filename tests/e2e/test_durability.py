@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from ..helpers import decode_lines
@@ -176,3 +177,159 @@ def test_a_full_disk_is_one_line_and_a_summary_then_a_rerun_completes(
     rerun = subprocess.run(cmd, capture_output=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr.decode()
     assert _ids(out) == [f"q{i:05d}" for i in range(300)], "every record whole, none twice"
+
+
+JUDGE = "gpt-judge"
+KEY = "sk-test-durability-0123456789"
+SLOW = {"org/m3": 0.3, "org/m4": 0.3, "org/m5": 0.3}
+
+
+def _http_config(tmp_path: Path, base_url: str, prompts: int, routing: str = "") -> Path:
+    with (tmp_path / "prompts.jsonl").open("w") as fh:
+        for i in range(prompts):
+            fh.write(json.dumps({"id": f"q{i:04d}", "instruction": f"Explain idea {i}."}) + "\n")
+    gens = "".join(
+        f'[[generators]]\nname = "m{i}"\nbackend = "openai"\nmodel = "org/m{i}"\n'
+        f'base_url = "{base_url}"\nmax_tokens = 32\nmax_concurrency = 4\n'
+        for i in range(6)
+    )
+    path = tmp_path / "run.toml"
+    path.write_text(
+        '[source]\npath = "prompts.jsonl"\nid_column = "id"\n[routing]\nn = 3\nbatch_size = 1\n'
+        f'{routing}{gens}[rater]\nbackend = "openai"\nmodel = "{JUDGE}"\nbase_url = "{base_url}"\n'
+        'api_key_env = "SF_TEST_KEY"\n[pipeline]\nbuffer = 4\n'
+    )
+    return path
+
+
+def _spooled_pairs(spool: Path) -> tuple[set[tuple[str, str]], set[str]]:
+    """(prompt id, model) of every response in the spool, and the prompts spooled in part."""
+    pairs: set[tuple[str, str]] = set()
+    models: dict[str, int] = {}
+    for line in spool.read_bytes().splitlines():
+        entry = json.loads(line)
+        if "models" in entry:
+            models[entry["id"]] = len(entry["models"])
+        elif "v" not in entry:  # the first format: a whole prompt per line
+            models[entry["id"]] = len(entry["generations"])
+        pairs.update((entry["id"], g["model"]) for g in entry["generations"])
+    done = {key: sum(1 for k, _ in pairs if k == key) for key in models}
+    return pairs, {key for key, n in done.items() if n < models[key]}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_kill_9_mid_prompt_then_the_rerun_asks_only_for_the_missing_responses(
+    tmp_path: Path,
+) -> None:
+    from streamfeedback.testing import OpenAIServer, Reply, Request, judge_handler
+
+    judge = judge_handler(untidy=0.0, broken=0.0)
+
+    async def handler(request: Request) -> Reply:
+        if request.model != JUDGE:
+            await anyio.sleep(SLOW.get(request.model or "", 0.02))
+        return await judge(request)
+
+    prompts = 120
+    out = tmp_path / "out.ndjson"
+    spool = Path(f"{out}.spool.ndjson")
+    cmd = [sys.executable, "-m", "streamfeedback", "run", "--no-progress"]
+    env = {**os.environ, "SF_TEST_KEY": KEY}
+    async with OpenAIServer(handler) as server:
+        config = _http_config(tmp_path, server.base_url, prompts)
+        with anyio.fail_after(60):
+            async with await anyio.open_process(
+                [*cmd, str(config), "-o", str(out)], env=env, stderr=subprocess.DEVNULL
+            ) as proc:
+                while True:  # kill -9 once some 60 responses are spooled
+                    if spool.exists() and spool.read_bytes().count(b"\n") >= 60:
+                        break
+                    await anyio.sleep(0.02)
+                proc.kill()
+                await proc.wait()
+        pairs, partial = _spooled_pairs(spool)
+        assert partial, "the kill was meant to find prompts with some of their responses spooled"
+        first_run = [r for r in server.requests if r.model != JUDGE]
+        mark = len(server.requests)
+        with anyio.fail_after(120):
+            rerun = await anyio.run_process(
+                [*cmd, str(config), "-o", str(out)], env=env, check=False
+            )
+        assert rerun.returncode == 0, rerun.stderr.decode()
+        asked = [
+            (f"q{int(r.prompt.split()[2].rstrip('.')):04d}", (r.model or "")[4:])
+            for r in server.requests[mark:]
+            if r.model != JUDGE
+        ]
+    assert not set(asked) & pairs, "a response already in the spool was asked for again"
+    assert len(asked) == len(set(asked)) == 3 * prompts - len(pairs), "only what was missing"
+    records = decode_lines(out.read_bytes())
+    assert sorted(r.id for r in records) == [f"q{i:04d}" for i in range(prompts)]
+    for r in records:
+        assert len(set(r.generation_models)) == 3
+    redone = len(first_run) - len(pairs)
+    assert redone <= 6 * 4 + 8, f"{redone} answered responses were lost: more than in flight"
+    assert str(len(partial)).encode() + b" prompts generated in part" in rerun.stderr
+
+
+def test_a_spool_of_the_first_format_resumes_from_the_command_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 5)
+    out = tmp_path / "out.ndjson"
+    old = [  # the first spool format: a whole prompt per line, no version, no slots
+        {
+            "id": f"q{i:05d}",
+            "instruction": f"Question {i}?",
+            "line": i + 1,
+            "index": i + 1,
+            "generations": [{"model": m, "text": f"old {m} {i}"} for m in ("m0", "m1", "m2")],
+        }
+        for i in range(3)
+    ]
+    Path(f"{out}.spool.ndjson").write_text("".join(json.dumps(e) + "\n" for e in old))
+    result = sf("run", str(config), "-o", str(out))
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"holds 3 generated prompts" in result.stderr
+    records = {r.id: r for r in decode_lines(out.read_bytes())}
+    assert sorted(records) == [f"q{i:05d}" for i in range(5)]
+    for i in range(3):
+        assert records[f"q{i:05d}"].generations == [f"old {m} {i}" for m in ("m0", "m1", "m2")]
+        assert records[f"q{i:05d}"].generation_models == ["m0", "m1", "m2"]
+
+
+async def test_a_prompt_failed_mid_way_keeps_its_finished_responses_for_the_rerun(
+    tmp_path: Path,
+) -> None:
+    from streamfeedback.testing import OpenAIServer, Reply, Request, judge_handler
+
+    judge = judge_handler(untidy=0.0, broken=0.0)
+    broken = {"org/m2"}
+
+    async def handler(request: Request) -> Reply:
+        if request.model in broken:
+            return Reply.failure(400, "this model refuses today")
+        return await judge(request)
+
+    out = tmp_path / "out.ndjson"
+    env = {**os.environ, "SF_TEST_KEY": KEY}
+    async with OpenAIServer(handler) as server:
+        config = _http_config(
+            tmp_path, server.base_url, 30, routing='on_generation_failure = "fail"\n'
+        )
+        cmd = [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(out)]
+        with anyio.fail_after(120):
+            first = await anyio.run_process(cmd, env=env, check=False)
+        assert first.returncode == 1, first.stderr.decode()
+        failed = len(Path(f"{out}.failures.ndjson").read_bytes().splitlines())
+        assert 0 < failed < 30
+        broken.clear()
+        mark = len(server.requests)
+        with anyio.fail_after(120):
+            rerun = await anyio.run_process(cmd, env=env, check=False)
+        asked = [r.model for r in server.requests[mark:] if r.model != JUDGE]
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    assert asked == ["org/m2"] * failed, "only the failed response of each prompt, once"
+    assert _ids(out) == [f"q{i:04d}" for i in range(30)]
