@@ -38,8 +38,8 @@ def hold(path: str, *, shared: bool = False) -> int:
         fd = os.open(path, os.O_RDONLY if shared else os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise SinkError(f"{path}: cannot open: {exc.strerror}") from exc
-    if sys.platform == "win32":
-        return fd
+    if sys.platform == "win32" or not is_regular(fd):
+        return fd  # /dev/null, a pipe: nothing to guard
     import fcntl
 
     try:
@@ -110,7 +110,8 @@ def cut_torn_tail(fd: int) -> int:
     end = size
     while end > 0:
         start = max(0, end - 65536)
-        block = os.pread(fd, end - start, start)
+        os.lseek(fd, start, os.SEEK_SET)
+        block = os.read(fd, end - start)
         newline = block.rfind(b"\n")
         if newline >= 0:
             end = start + newline + 1

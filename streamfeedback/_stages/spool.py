@@ -286,6 +286,9 @@ class _Joiner:
 
     def _fill(self, key: str, slot: int, gen: Generation, offset: int) -> Joined | None:
         known = self.pending.get(key)
+        if known is not None and key in self.dropped:  # given up by this run meanwhile
+            del self.pending[key]
+            return None
         if known is None or not 0 <= slot < len(known[2]) or known[2][slot] is not None:
             return None
         prompt, _, slots, missing = known

@@ -148,13 +148,16 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
 
+@pytest.mark.parametrize("spool_on_disk", [True, False], ids=["spool-fills-it", "output-fills-it"])
 def test_a_full_disk_is_one_line_and_a_summary_then_a_rerun_completes(
-    tmp_path: Path, small_disk: tuple[Path, bool]
+    tmp_path: Path, small_disk: tuple[Path, bool], spool_on_disk: bool
 ) -> None:
     disk, mounted = small_disk
     config = write_config(tmp_path, 300)
     out = disk / "out.ndjson"
+    spool = out.parent / "out.ndjson.spool.ndjson" if spool_on_disk else tmp_path / "spool.ndjson"
     cmd = [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(out)]
+    cmd += ["--spool", str(spool)]
     full = subprocess.run(
         cmd,
         capture_output=True,
@@ -165,10 +168,12 @@ def test_a_full_disk_is_one_line_and_a_summary_then_a_rerun_completes(
     assert full.returncode == 1, stderr
     cause = "No space left on device" if mounted else "File too large"
     errors = [line for line in stderr.splitlines() if ": error: " in line]
-    assert len(errors) == 1 and cause in errors[0] and str(disk) in errors[0], stderr
+    assert len(errors) == 1 and cause in errors[0], stderr
+    if mounted:
+        assert str(spool if spool_on_disk else out) in errors[0], stderr
     assert "Traceback" not in stderr and "ExceptionGroup" not in stderr
     assert "done in" in stderr
-    for path in disk.iterdir():
+    for path in [*disk.iterdir(), spool]:
         data = path.read_bytes()
         assert data == b"" or data.endswith(b"\n"), f"{path.name} ends in a torn line"
 
