@@ -53,3 +53,8 @@ def test_over_http_in_process_sees_no_429_and_every_token_planned() -> None:
 def test_http_client_benchmark_prints_both_paths() -> None:
     out = _run("http_client.py", "--requests", "120", "--concurrency", "8", "--rounds", "2")
     assert "OpenAIEngine.generate" in out and "ratio typed / ours:" in out
+
+
+def test_kill_resume_benchmark_prints_what_the_rerun_redid() -> None:
+    out = _run("kill_resume.py", "--prompts", "12", "--kill-after", "0.3")
+    assert "redone=" in out and "records 12/12" in out
