@@ -13,12 +13,11 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from collections.abc import Iterator
 from typing import BinaryIO
 
 from ._exceptions import FileBusy, SinkError
 
-__all__ = ["append_whole", "cut_torn_tail", "hold", "is_regular", "iter_lines", "read_lines"]
+__all__ = ["append_whole", "cut_torn_tail", "hold", "is_regular", "read_lines"]
 
 _CHUNK = 1 << 20
 
@@ -79,6 +78,7 @@ def _holder(fd: int) -> int | None:
 
 
 def is_regular(fd: int) -> bool:
+    """A plain file (not a pipe, a terminal or /dev/null): it can be cut and locked."""
     return stat.S_ISREG(os.fstat(fd).st_mode)
 
 
@@ -134,16 +134,3 @@ def read_lines(fh: BinaryIO, offset: int, end: int) -> bytes:
     data = b"".join(parts)
     return data[: data.rfind(b"\n") + 1]
 
-
-def iter_lines(fh: BinaryIO, offset: int, end: int) -> Iterator[tuple[int, bytes]]:
-    """(offset, line) for every whole line of `fh` between `offset` and `end`."""
-    while offset < end:
-        chunk = read_lines(fh, offset, end)
-        if not chunk:
-            return
-        start = 0
-        while start < len(chunk):
-            stop = chunk.index(b"\n", start) + 1
-            yield offset + start, chunk[start:stop]
-            start = stop
-        offset += len(chunk)

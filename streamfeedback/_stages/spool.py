@@ -270,8 +270,7 @@ class _Joiner:
                 yield joined
 
     def generation(self, gen: Generation, offset: int) -> Joined | None:
-        if gen.prompt.id not in self.pending:
-            self._open(gen.prompt, gen.models)
+        self._open(gen.prompt, gen.models)
         return self._fill(gen.prompt.id, gen.slot, gen, offset)
 
     def _open(self, prompt: Prompt, models: tuple[str, ...]) -> None:

@@ -338,3 +338,32 @@ async def test_a_prompt_failed_mid_way_keeps_its_finished_responses_for_the_reru
     assert rerun.returncode == 0, rerun.stderr.decode()
     assert asked == ["org/m2"] * failed, "only the failed response of each prompt, once"
     assert _ids(out) == [f"q{i:04d}" for i in range(30)]
+
+
+def test_a_prompt_spooled_in_part_is_routed_afresh_when_a_model_left_the_pool(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, 3)
+    out = tmp_path / "out.ndjson"
+    # an earlier run spooled one response of each; "gone" is no longer configured
+    partial = [
+        {
+            "v": 2,
+            "id": f"q{i:05d}",
+            "instruction": f"Question {i}?",
+            "index": i + 1,
+            "models": models,
+            "generations": [{"slot": slot, "model": models[slot], "text": "kept"}],
+        }
+        for i, models, slot in ((0, ["m0", "m1", "gone"], 0), (1, ["m3", "m4", "m5"], 1))
+    ]
+    Path(f"{out}.spool.ndjson").write_text("".join(json.dumps(e) + "\n" for e in partial))
+    result = sf("run", str(config), "-o", str(out))
+    assert result.returncode == 0, result.stderr.decode()
+    records = {r.id: r for r in decode_lines(out.read_bytes())}
+    assert sorted(records) == ["q00000", "q00001", "q00002"]
+    assert "gone" not in records["q00000"].generation_models
+    assert "kept" not in records["q00000"].generations
+    assert records["q00001"].generation_models == ["m3", "m4", "m5"]
+    assert records["q00001"].generations[1] == "kept", "the spooled response is used"
+    assert "kept" not in (records["q00001"].generations[0], records["q00001"].generations[2])

@@ -214,3 +214,32 @@ async def test_a_dropped_prompt_is_not_waited_for_and_its_responses_stay(tmp_pat
     got = await _through(spool, [Joined(prompt=first.prompt, generations=[first]), _joined(2)])
     assert [j.prompt.id for j in got] == ["p2"]
     assert scan_spool(str(path)).partial == {"p1": (("a", "b"), frozenset({0}))}
+
+
+async def test_a_prompt_routed_afresh_drops_the_responses_of_its_old_routing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.ndjson"
+    old = Generation(
+        prompt=Prompt(id="p1", instruction="question 1", index=2),
+        models=("a", "gone"),
+        slot=0,
+        model="a",
+        text="old answer",
+    )
+    path.write_bytes(msgspec.json.encode(SpoolEntry.of(old, first=True)) + b"\n")
+    spool = Spool(str(path))
+    in_tx, in_rx = open_channel[Generation](4)
+    out_tx, out_rx = open_channel[Joined](4)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg, out_rx:
+            tg.start_soon(spool.write, in_rx)
+            tg.start_soon(spool.read, out_tx)
+            await anyio.wait_all_tasks_blocked()  # the old line is read: the rest from memory
+            assert spool.read_from_file == 1
+            async with in_tx:
+                for gen in _joined(1).generations:  # routed to ("a", "b") this time
+                    await in_tx.send(gen)
+            got = [j async for j in out_rx]
+    assert spool.read_from_memory == 2
+    assert got == [_joined(1)]
