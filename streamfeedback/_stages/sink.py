@@ -114,7 +114,7 @@ class NdjsonWriter:
         try:
             await anyio.to_thread.run_sync(append_whole, self._fd, data, self._end)
         except (BrokenPipeError, ConnectionResetError) as exc:
-            raise SinkError(f"{self._name}: the reader went away") from exc
+            raise SinkError(f"{self._name}: the reader went away", reader_gone=True) from exc
         except OSError as exc:
             raise SinkError(f"{self._name}: cannot write: {exc.strerror}") from exc
         if self._end is not None:
