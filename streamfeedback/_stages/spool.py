@@ -330,7 +330,6 @@ class Spool:
         self._writer_done = False
         self._grew = anyio.Event()
         self.appended = 0
-        self.generations = 0
         self.read_from_file = 0
         self.read_from_memory = 0
 
@@ -382,7 +381,6 @@ class Spool:
                         self._cache[offset] = (size, item)
                         offset += size
                     self._end = offset
-                    self.generations += len(items)
                     while len(self._cache) > self.cache_limit:
                         self._cache.popitem(last=False)
                     self._notify()
