@@ -27,11 +27,13 @@ from ._config import Config, check_environment, load_config
 from ._exceptions import (
     ConfigError,
     EngineUnavailable,
+    FileBusy,
     JudgeUnavailable,
     SinkError,
     SourceError,
     StreamFeedbackError,
 )
+from ._files import hold
 from ._idset import IdSet
 from ._pipeline import Mode, Pipeline, unwrap_group
 from ._pricing import judge_cost
@@ -81,9 +83,12 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return bench_main(args)
         if args.command in _TOOLS:
             return int(args.tool_main(args))
-    except (ConfigError, SourceError) as exc:
+    except (ConfigError, SourceError, FileBusy) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
+    except SinkError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURES
     except KeyboardInterrupt:
         log.error("interrupted")
         return EXIT_INTERRUPTED
@@ -354,14 +359,23 @@ async def _metrics_server(config_path: str, where: tuple[int, str]) -> MetricsSe
 
 def _run_blocking(args: argparse.Namespace) -> int:
     backend_options = {"use_uvloop": True} if sys.platform != "win32" else {}
-    return anyio.run(_run, args, backend="asyncio", backend_options=backend_options)
+    held: list[int] = []
+    try:
+        return anyio.run(_run, args, held, backend="asyncio", backend_options=backend_options)
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
-def _prepare(args: argparse.Namespace, config: Config) -> tuple[str, str, str | None, IdSet]:
+def _prepare(
+    args: argparse.Namespace, config: Config, held: list[int]
+) -> tuple[str, str, str | None, IdSet]:
     """Output, failures and spool paths, and the ids already in the output (a resumed run
-    skips them); repairs a torn last line left by a crash.
+    skips them); locks the output file for the run (its fd goes to `held`), then repairs a
+    torn last line left by a crash.
 
     :raises ConfigError: `generate` with nowhere to spool.
+    :raises FileBusy: another run holds the output.
     """
     out = getattr(args, "output", None) or config.output.path
     if args.command == "generate":
@@ -377,7 +391,9 @@ def _prepare(args: argparse.Namespace, config: Config) -> tuple[str, str, str | 
     if spool is None and args.command == "generate":
         raise ConfigError(args.config, "spool.path", "generate needs a spool: pass --spool FILE")
     skip = IdSet()
-    if out != "-" and args.resume and os.path.exists(out):
+    if out != "-":
+        held.append(hold(out))
+    if out != "-" and args.resume and os.path.getsize(out):
         skip, torn = read_done_ids(out)
         if torn:
             log.warning("%s: cut a torn last line (%d bytes) left by an interrupted run", out, torn)
@@ -394,10 +410,10 @@ def _prepare(args: argparse.Namespace, config: Config) -> tuple[str, str, str | 
     return out, failures_path, spool, skip
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def _run(args: argparse.Namespace, held: list[int]) -> int:
     config = load_config(args.config, args.overrides)
     check_environment(config, args.config)
-    out, failures_path, spool, skip = _prepare(args, config)
+    out, failures_path, spool, skip = _prepare(args, config, held)
     mode: Mode = (
         "generate" if args.command == "generate" else "rate" if args.command == "rate" else "run"
     )
@@ -489,6 +505,8 @@ async def _run(args: argparse.Namespace) -> int:
     except (EngineUnavailable, JudgeUnavailable) as exc:
         log.error("%s", exc)
         exit_code = EXIT_USAGE if isinstance(exc, JudgeUnavailable) else EXIT_FAILURES
+    except FileBusy:
+        raise
     except SinkError as exc:
         if out == "-" and exc.reader_gone:
             # `run ... | head -1`: the reader took what it wanted; a rerun makes the rest

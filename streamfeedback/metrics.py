@@ -73,7 +73,7 @@ class PipelineCollector(Collector):
         )
         yield GaugeMetricFamily(
             "streamfeedback_spool_backlog",
-            "Spooled prompts the judge has not taken yet.",
+            "Spool lines (a response each) the judge's reader has not taken yet.",
             value=s.spool_backlog,
         )
         in_flight = GaugeMetricFamily(

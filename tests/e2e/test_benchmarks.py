@@ -66,3 +66,8 @@ def test_requests_per_s_prints_both_figures() -> None:
     out = _run("requests_per_s.py", "--requests", "200", "--prompts", "20")
     assert "OpenAIEngine.generate: 200 requests" in out
     assert "streamfeedback run: 20 records x 4 requests" in out
+
+
+def test_kill_resume_benchmark_prints_what_the_rerun_redid() -> None:
+    out = _run("kill_resume.py", "--prompts", "12", "--kill-after", "0.3")
+    assert "redone=" in out and "records 12/12" in out
