@@ -350,7 +350,7 @@ class _BatchRater:
 
     async def start(self) -> None:
         var = api_key_env(self.config)
-        key = os.environ.get(var, "") if var else "EMPTY"
+        key = os.environ.get(var, "").strip() if var else "EMPTY"
         if not key:
             raise JudgeUnavailable(
                 f"judge {self.judge.label}: environment variable {var} is not set (it should "

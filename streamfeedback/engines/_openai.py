@@ -172,7 +172,7 @@ class OpenAIEngine:
         if self._client is not None:
             return
         var = api_key_env(self.config)
-        key = os.environ.get(var, "") if var else "EMPTY"
+        key = os.environ.get(var, "").strip() if var else "EMPTY"
         if not key:
             raise EngineUnavailable(
                 self.name,
