@@ -25,6 +25,7 @@ from ._exceptions import (
     ConfigError,
     EngineUnavailable,
     JudgeUnavailable,
+    PoolUnavailable,
     SinkError,
     SourceError,
     StreamFeedbackError,
@@ -381,9 +382,9 @@ async def _run(args: argparse.Namespace) -> int:
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise unwrap_group(group) from None
-    except (EngineUnavailable, JudgeUnavailable) as exc:
+    except (EngineUnavailable, JudgeUnavailable, PoolUnavailable) as exc:
         log.error("%s", exc)
-        exit_code = EXIT_USAGE if isinstance(exc, JudgeUnavailable) else EXIT_FAILURES
+        exit_code = EXIT_FAILURES if isinstance(exc, EngineUnavailable) else EXIT_USAGE
     except SinkError as exc:
         log.error("%s", exc)
         exit_code = EXIT_FAILURES

@@ -8,6 +8,7 @@
     │   ├── EngineBusy               rate limited / overloaded (retryable)
     │   ├── EngineRequestError       the request itself is bad (too long, refused): not retryable
     │   └── EngineUnavailable        the engine is gone or cannot start: fatal for the run
+    ├── PoolUnavailable              too few generators are left to make a record (exit 2)
     ├── JudgeError                   the judge could not rate a prompt
     │   └── JudgeUnavailable         the judge is unusable (bad key, missing model): fatal
     └── SinkError                    the output cannot be written (stdout closed, disk full)
@@ -26,6 +27,7 @@ __all__ = [
     "EngineUnavailable",
     "JudgeError",
     "JudgeUnavailable",
+    "PoolUnavailable",
     "SinkError",
     "SourceError",
     "StreamFeedbackError",
@@ -68,6 +70,12 @@ class EngineError(StreamFeedbackError):
         self.status = status
         super().__init__(f"{engine}: {message}")
 
+    @property
+    def kind(self) -> str:
+        """How the request failed (`HTTP 400`, `EngineBusy` for an unreachable server): failures
+        of one kind, again and again from an engine that never answered, mean a dead end."""
+        return f"HTTP {self.status}" if self.status is not None else type(self).__name__
+
 
 class EngineTimeout(EngineError):
     """The engine did not answer in time."""
@@ -98,6 +106,11 @@ class EngineRequestError(EngineError):
 
 class EngineUnavailable(EngineError):
     """The engine is gone or could not start: the run cannot go on with it."""
+
+
+class PoolUnavailable(StreamFeedbackError):
+    """So many generators left the run (each failed every request it made) that no record can
+    get its `n` responses: stops the run, naming each one's endpoint and error."""
 
 
 class JudgeError(StreamFeedbackError):

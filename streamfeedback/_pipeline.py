@@ -199,6 +199,7 @@ class Pipeline:
             self.engines,
             {name: self._generator_configs[name] for name in self.engines},
             cooldown=config.routing.cooldown,
+            need=config.routing.n,
         )
         self.gauges = self.pool.gauges
         self.generation_done = False

@@ -36,6 +36,9 @@ __all__ = [
 
 log = logging.getLogger("streamfeedback.judge")
 
+_DEAD_END = 2
+"""Requests in a row that fail alike, before the judge ever answered, that stop the run."""
+
 
 class JudgeStatistics(msgspec.Struct, frozen=True, kw_only=True):
     requests: int
@@ -77,6 +80,8 @@ class Judge:
         self._answered = False
         self._probe: anyio.Lock | None = None
         self._dead: EngineUnavailable | None = None
+        self._probe_kind = ""
+        self._probe_failures = 0
 
     def statistics(self) -> JudgeStatistics:
         return JudgeStatistics(
@@ -165,9 +170,33 @@ class Judge:
                 except EngineUnavailable as exc:
                     self._dead = exc
                     raise
+                except EngineError as exc:
+                    self._probe_failed(exc)
+                    raise
                 self._answered = True
                 return completion
         return await self.engine.generate(request)
+
+    def _probe_failed(self, exc: EngineError) -> None:
+        """A judge that never answered and failed its first requests alike (nothing listens,
+        always 500, the same 400) is dead: stop now, not after `max_consecutive_failures`
+        prompts' worth of retries.
+
+        :raises EngineUnavailable: the judge is dead.
+        """
+        if exc.status == 429:
+            return
+        kind = exc.kind
+        self._probe_failures = self._probe_failures + 1 if kind == self._probe_kind else 1
+        self._probe_kind = kind
+        if self._probe_failures >= _DEAD_END:
+            self._dead = EngineUnavailable(
+                self.engine.name,
+                f"never answered; its first {self._probe_failures} requests all failed "
+                f"(last: {exc})",
+                status=exc.status,
+            )
+            raise self._dead from exc
 
     async def _rate_aspect(self, joined: Joined, aspect: str) -> AspectResult:
         shown: list[BlockRating | None] = [None] * len(joined.generations)
