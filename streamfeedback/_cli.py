@@ -319,7 +319,8 @@ async def _run(args: argparse.Namespace) -> int:
     source = await open_source(config.source) if mode != "rate" else None
 
     started = time.monotonic()
-    interrupted = False
+    interrupted = cut = False  # a stop signal came; in-flight work was cancelled
+    second = False
     pipeline: Pipeline | None = None
     exit_code = EXIT_OK
     written = 0
@@ -329,11 +330,12 @@ async def _run(args: argparse.Namespace) -> int:
         written += n
 
     async def watch_signals(run_scope: anyio.CancelScope) -> None:
-        nonlocal interrupted
+        nonlocal interrupted, second
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 if interrupted or pipeline is None:
                     if interrupted:
+                        second = True
                         log.warning(
                             "second %s: cancelling requests in flight", signal.Signals(signum).name
                         )
@@ -342,7 +344,8 @@ async def _run(args: argparse.Namespace) -> int:
                     return
                 interrupted = True
                 log.warning(
-                    "%s: no new prompts; finishing those in flight (up to %gs; again to cancel)",
+                    "%s: no new prompts; finishing those in flight (up to %gs, "
+                    "[pipeline] drain_timeout; again to stop at once)",
                     signal.Signals(signum).name,
                     config.pipeline.drain_timeout,
                 )
@@ -379,6 +382,12 @@ async def _run(args: argparse.Namespace) -> int:
                                 )
                             )
                         await drain(records, writer, on_write=count_written)
+                cut = run_scope.cancelled_caught
+                if cut and not second and pipeline is not None:
+                    log.warning(
+                        "the drain timeout (%gs) ran out: cancelled the requests in flight",
+                        config.pipeline.drain_timeout,
+                    )
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise unwrap_group(group) from None
@@ -398,11 +407,29 @@ async def _run(args: argparse.Namespace) -> int:
         stats = pipeline.statistics()
         if exit_code == EXIT_OK and stats.failures:
             exit_code = EXIT_FAILURES
-    if interrupted and exit_code == EXIT_OK:
-        exit_code = EXIT_INTERRUPTED
-    if interrupted and out == "-":
-        log.warning("records went to stdout: to resume an interrupted run, write with -o FILE")
+    # A stop that came after the source was all taken, and let everything finish, interrupted
+    # nothing: the run is complete and says so.
+    complete = pipeline is not None and pipeline.source_done and not cut
+    if interrupted and not complete:
+        if exit_code == EXIT_OK:
+            exit_code = EXIT_INTERRUPTED
+        if pipeline is not None:
+            _unfinished(pipeline, out)
+        if out == "-":
+            log.warning("records went to stdout: to resume an interrupted run, write with -o FILE")
     return exit_code
+
+
+def _unfinished(pipeline: Pipeline, out: str) -> None:
+    """After a stop: what is left undone, and that the same command picks it up."""
+    s = pipeline.statistics()
+    left = max(0, s.in_flight)
+    rest = "" if pipeline.source_done else " and the prompts of the source not read yet"
+    again = "the same command resumes them" if out != "-" else "they are not done"
+    kept = ""
+    if pipeline.spool is not None and pipeline.mode != "rate":
+        kept = f"; finished generations are kept in {pipeline.spool.path}"
+    log.warning("stopped: %d prompts in flight unfinished%s; %s%s", left, rest, again, kept)
 
 
 def _summary(
@@ -434,6 +461,8 @@ def _summary(
         f"{s.skipped} skipped (already done)",
         f"{s.failures} failed" + (f" (see {failures})" if s.failures else ""),
     ]
+    if s.from_spool:
+        parts.insert(2, f"{s.from_spool} generated before (rated from the spool)")
     if s.duplicates:
         parts.append(f"{s.duplicates} duplicate ids dropped")
     for name, times in pipeline.pool.cooldowns().items():
@@ -445,6 +474,8 @@ def _summary(
     if pipeline.mode != "generate":
         parts.append(
             f"judge: {s.judge_requests} requests ({s.judge_reasks} re-asks), "
-            f"{s.null_ratings} null ratings{judge}"
+            f"{s.null_ratings} null ratings"
+            + (f", {s.not_applicable} N/A" if s.not_applicable else "")
+            + judge
         )
     log.info("%s", "; ".join(parts))

@@ -281,7 +281,7 @@ class PipelineConfig(_Section, frozen=True, kw_only=True):
     """Tuning: channel bounds and the shutdown deadline."""
 
     buffer: int = 64
-    drain_timeout: float = 60.0
+    drain_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         super().__post_init__()

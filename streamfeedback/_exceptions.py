@@ -120,6 +120,10 @@ class JudgeError(StreamFeedbackError):
 class JudgeUnavailable(JudgeError):
     """The judge cannot be used at all (bad key, missing model): stops the run."""
 
+    prompt_error: str | None = None
+    """Set when the stop is the last of a run of failed prompts: that prompt failed too, with
+    this error, and belongs in the failures file like the others."""
+
 
 class SinkError(StreamFeedbackError):
     """Records cannot be written (stdout closed, disk full)."""

@@ -45,6 +45,7 @@ class JudgeStatistics(msgspec.Struct, frozen=True, kw_only=True):
     reasks: int
     null_ratings: int
     ratings: int
+    not_applicable: int = 0
 
 
 def _readable(block: BlockRating | None) -> bool:
@@ -75,6 +76,7 @@ class Judge:
         self._requests = 0
         self._reasks = 0
         self._null = 0
+        self._na = 0
         self._ratings = 0
         self._consecutive_failures = 0
         self._answered = False
@@ -89,6 +91,7 @@ class Judge:
             reasks=self._reasks,
             null_ratings=self._null,
             ratings=self._ratings,
+            not_applicable=self._na,
         )
 
     async def rate(self, joined: Joined) -> Record:
@@ -104,11 +107,13 @@ class Judge:
         except JudgeError as exc:
             self._consecutive_failures += 1
             limit = self.config.max_consecutive_failures
-            if limit and self._consecutive_failures >= limit:
-                raise JudgeUnavailable(
+            if self._consecutive_failures >= limit:
+                stop = JudgeUnavailable(
                     f"judge {self.label}: {self._consecutive_failures} prompts in a row failed "
                     f"(last: {exc}); stopping instead of failing every prompt"
-                ) from exc
+                )
+                stop.prompt_error = str(exc)
+                raise stop from exc
             raise
         self._consecutive_failures = 0
         return self._record(joined, results)
@@ -294,6 +299,7 @@ class Judge:
         not_applicable = na if any(na) else None
         self._ratings += n
         self._null += sum(1 for b in blocks if not _readable(b))
+        self._na += sum(na)
         if spec.typed:
             return AspectResult(
                 ratings=ratings,

@@ -39,19 +39,13 @@ async def run(
             async for item in inbox:
                 try:
                     record = await judge.rate(item)
-                except JudgeUnavailable:
+                except JudgeUnavailable as exc:
+                    if exc.prompt_error is not None:
+                        await failed.send(_failure(item, exc.prompt_error))
                     raise
                 except JudgeError as exc:
                     log.warning("rating failed for %s: %s", item.prompt.id, exc)
-                    await failed.send(
-                        Failure(
-                            id=item.prompt.id,
-                            stage="rating",
-                            error=str(exc),
-                            instruction=item.prompt.instruction,
-                            line=item.prompt.line,
-                        )
-                    )
+                    await failed.send(_failure(item, str(exc)))
                     continue
                 await outbox.send(record)
 
@@ -60,3 +54,13 @@ async def run(
             tg.start_soon(
                 worker, joined.clone(), records.clone(), failures.clone(), name=f"judge-{i}"
             )
+
+
+def _failure(item: Joined, error: str) -> Failure:
+    return Failure(
+        id=item.prompt.id,
+        stage="rating",
+        error=error,
+        instruction=item.prompt.instruction,
+        line=item.prompt.line,
+    )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import BinaryIO
 
 import anyio
@@ -144,13 +144,23 @@ class Spool:
     """An append-only spool file with a cursor for the judge.
 
     `write` (the writer task) appends and `read` (the reader task) follows; both belong to
-    the pipeline's task group. `done` ids (already in the output) are skipped when read.
+    the pipeline's task group. `done` ids (already in the output) are skipped when read, and
+    so are entries of earlier runs whose source ordinal `keep(index)` refuses (a rerun with a
+    smaller `--limit`, another shard).
     """
 
-    def __init__(self, path: str, *, cache: int = 1024, done: IdSet | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        cache: int = 1024,
+        done: IdSet | None = None,
+        keep: Callable[[int], bool] | None = None,
+    ) -> None:
         self.path = path
         self.cache_limit = cache
         self.done = done or IdSet()
+        self.keep = keep
         self._cache: OrderedDict[int, tuple[int, Joined]] = OrderedDict()
         self._end = 0
         self._initial_end = 0
@@ -240,7 +250,7 @@ class Spool:
                         size, joined = cached
                         cursor += size
                         self.read_from_memory += 1
-                        if self._fresh(joined.prompt.id, seen, cursor - size):
+                        if self._fresh(joined.prompt.id, seen, cursor - size, joined.prompt.index):
                             await out.send(joined)
                         continue
                     if fh is None:
@@ -255,7 +265,7 @@ class Spool:
                         if entry is None:
                             continue
                         self.read_from_file += 1
-                        if self._fresh(entry.id, seen, cursor - size):
+                        if self._fresh(entry.id, seen, cursor - size, entry.index):
                             await out.send(entry.to_joined())
                     for stale in [k for k in self._cache if k < cursor]:
                         del self._cache[stale]
@@ -264,12 +274,14 @@ class Spool:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(fh.close)
 
-    def _fresh(self, prompt_id: str, seen: IdSet, offset: int) -> bool:
+    def _fresh(self, prompt_id: str, seen: IdSet, offset: int, index: int) -> bool:
         """Not rated yet. Only entries from earlier runs can repeat an id (this run's intake
         never spools a prompt twice), so only those are remembered: memory stays flat."""
         if prompt_id in self.done:
             return False
-        return offset >= self._initial_end or seen.add(prompt_id)
+        if offset >= self._initial_end:
+            return True
+        return (self.keep is None or self.keep(index)) and seen.add(prompt_id)
 
 
 def _write_flush(fh: BinaryIO, data: bytes) -> None:
