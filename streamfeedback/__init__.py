@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# First, before the slow imports below: a quiet Ctrl-C in the CLI process (a no-op elsewhere).
+from . import _early  # noqa: F401
 from ._config import (
     Config,
     EngineConfig,

@@ -19,7 +19,7 @@ from functools import partial
 
 import anyio
 
-from . import __version__
+from . import __version__, _early
 from ._config import Config, EngineConfig, check_environment, load_config
 from ._exceptions import (
     ConfigError,
@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose - args.quiet)
+    _early.release()
     try:
         if args.command == "validate":
             return _validate(args.config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -210,3 +211,26 @@ async def test_a_run_of_failed_prompts_says_as_many_as_the_failures_file_holds(
     assert len(failures) == 4 and all(f.stage == "rating" for f in failures)
     assert "4 failed" in stderr
     assert len(decode_lines(out.read_bytes())) == 3
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """Interrupts landing anywhere from Python's start through the package imports, the
+    config and the engines' start: never a traceback through our code."""
+    config = write_config(tmp_path, 2000, ttft=0.01)
+    seen: set[int] = set()
+    for i in range(12):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(tmp_path / "o")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(0.05 * (i + 1))
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        stderr = err.decode()
+        assert "streamfeedback/" not in stderr, stderr  # no frame of ours in a traceback
+        seen.add(proc.returncode)
+        if "Traceback" not in stderr:  # Python's own start, before any code of ours, may print one
+            assert proc.returncode == 130, stderr
+            assert "interrupted" in stderr or "SIGINT" in stderr, stderr
+    assert 130 in seen
