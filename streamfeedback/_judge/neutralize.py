@@ -17,24 +17,25 @@ from __future__ import annotations
 
 import re
 
-from .parser import reads_as_marker
+from .parser import MARKER_LINE
 
 __all__ = ["neutralize"]
 
 _BREAKS = re.compile("\r\n?|[\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 _TAG = re.compile(r"<(\s*/?\s*text\b[^<>\n]{0,24})>", re.IGNORECASE)
-_INPUT_LABEL = re.compile(r"[ \t>*_#]*(?:instruction|texts?|input)\b[^:\n]{0,24}:", re.IGNORECASE)
+# One pass over the text finds every line start to quote (after a newline: the first line
+# follows our own tag or label): an input label of the template, or a header or field of an
+# answer block. Anchored on the newline, a literal, so the scan is quick.
+_SUSPECT = re.compile(
+    r"\n(?=[ \t>*_#]*(?:instruction|texts?|input)\b[^:\n]{0,24}:|" + MARKER_LINE.pattern + ")",
+    re.IGNORECASE | re.MULTILINE,
+)
 
 
 def neutralize(text: str) -> str:
     """`text` as the judge may see it: no line of it reads as one of our markers."""
-    text = _TAG.sub(r"(\1)", _BREAKS.sub("\n", text))
-    first, sep, rest = text.partition("\n")
-    if not sep:
-        return text  # it follows our own tag or label on that line: no line start to take
-    lines = rest.split("\n")
-    return "\n".join([first, *(f"> {line}" if _suspect(line) else line for line in lines)])
-
-
-def _suspect(line: str) -> bool:
-    return bool(_INPUT_LABEL.match(line)) or reads_as_marker(line)
+    if "\r" in text or "\x0b" in text or "\x0c" in text or not text.isascii():
+        text = _BREAKS.sub("\n", text)  # (rare: a scan per character, so only when needed)
+    elif "\x1c" in text or "\x1d" in text or "\x1e" in text:
+        text = _BREAKS.sub("\n", text)
+    return _SUSPECT.sub("\n> ", _TAG.sub(r"(\1)", text))
