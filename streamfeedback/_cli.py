@@ -345,12 +345,12 @@ async def _run(args: argparse.Namespace) -> int:
                     return
                 interrupted = True
                 log.warning(
-                    "%s: no new prompts; finishing those in flight (up to %gs, "
-                    "[pipeline] drain_timeout; again to stop at once)",
+                    "%s: no new prompts or requests; finishing the requests in flight (up to "
+                    "%gs, [pipeline] drain_timeout; again to stop at once)",
                     signal.Signals(signum).name,
                     config.pipeline.drain_timeout,
                 )
-                pipeline.stop_intake()
+                pipeline.stop()
                 run_scope.deadline = anyio.current_time() + config.pipeline.drain_timeout
 
     try:
@@ -410,7 +410,12 @@ async def _run(args: argparse.Namespace) -> int:
             exit_code = EXIT_FAILURES
     # A stop that came after the source was all taken, and let everything finish, interrupted
     # nothing: the run is complete and says so.
-    complete = pipeline is not None and pipeline.source_done and not cut
+    complete = (
+        pipeline is not None
+        and pipeline.source_done
+        and not cut
+        and pipeline.statistics().in_flight == 0
+    )
     if interrupted and not complete:
         if exit_code == EXIT_OK:
             exit_code = EXIT_INTERRUPTED
@@ -430,7 +435,7 @@ def _unfinished(pipeline: Pipeline, out: str) -> None:
     kept = ""
     if pipeline.spool is not None and pipeline.mode != "rate":
         kept = f"; finished generations are kept in {pipeline.spool.path}"
-    log.warning("stopped: %d prompts in flight unfinished%s; %s%s", left, rest, again, kept)
+    log.warning("stopped: %d prompts unfinished%s; %s%s", left, rest, again, kept)
 
 
 def _summary(

@@ -199,6 +199,7 @@ class Pipeline:
         self._started_engines: list[Engine] = []
         self._read = self._skipped = self._duplicates = self._from_spool = 0
         self.source_done = False
+        self._stopping = False
         """The intake took every prompt the run asked for (the source's end, or `limit`)."""
         self._records_out = self._failures_out = 0
         self.pool = Pool(
@@ -341,6 +342,9 @@ class Pipeline:
                     records_tx,
                     failures_tx.clone(),
                     concurrency=cfg.rater.concurrency,
+                    # with a spool, a prompt the judge passes over is kept there for a rerun;
+                    # without one, its paid-for responses exist only here: rate them
+                    stopping=self.stopping if self.spool is not None else None,
                 ),
                 name="rating",
             )
@@ -398,7 +402,9 @@ class Pipeline:
         """Every engine's worker pool, joined by gather; then free the generators at once
         (rating may go on for a long time)."""
         cfg = self.config
-        async with gather.Gather(joined, failures, on_complete=self.pool.forget) as join:
+        async with gather.Gather(
+            joined, failures, on_complete=self.pool.forget, stopping=self.stopping
+        ) as join:
             async with anyio.create_task_group() as tg:
                 for name, queue in queues.items():
                     gen_config = self._generator_configs[name]
@@ -412,6 +418,7 @@ class Pipeline:
                             concurrency=gen_config.concurrency * gen_config.replicas,
                             principles=cfg.principles,
                             reroute=cfg.routing.on_generation_failure == "reroute",
+                            stopping=self.stopping,
                         ),
                         name=f"generation-{name}",
                     )
@@ -428,6 +435,17 @@ class Pipeline:
     def stop_intake(self) -> None:
         """Take no new prompts; everything already in flight finishes and is emitted."""
         self._intake_scope.cancel()
+
+    def stop(self) -> None:
+        """Take no new prompts and start no new requests: the requests in flight finish and
+        their results are kept (records, the spool); the rest is left undone, for a rerun, and
+        the run ends as soon as those requests are done."""
+        self._stopping = True
+        self.stop_intake()
+
+    def stopping(self) -> bool:
+        """Whether `stop()` was called."""
+        return self._stopping
 
     def statistics(self) -> PipelineStatistics:
         judge = self.judge.statistics()

@@ -26,8 +26,9 @@ class Gather:
     """Emits a `Joined` per complete prompt to `joined`, a `Failure` per failed one.
 
     `on_complete(prompt_id)` is told when a prompt has all its answers (or failures).
-    Leaving `async with` normally reports the prompts still incomplete as failures; leaving
-    it in any way closes both outputs.
+    Leaving `async with` normally reports the prompts still incomplete as failures (unless
+    `stopping()`: the run was stopped, and they are unfinished, for a rerun); leaving it in any
+    way closes both outputs.
     """
 
     def __init__(
@@ -36,10 +37,12 @@ class Gather:
         failures: Sender[Failure],
         *,
         on_complete: Callable[[str], None] | None = None,
+        stopping: Callable[[], bool] | None = None,
     ) -> None:
         self._joined = joined
         self._failures = failures
         self._on_complete = on_complete
+        self._stopping = stopping
         self._pending: dict[str, tuple[list[_Slot], list[int]]] = {}
 
     @property
@@ -72,6 +75,8 @@ class Gather:
         """Report every incomplete prompt as a failure, then close both outputs."""
         try:
             pending, self._pending = self._pending, {}
+            if self._stopping is not None and self._stopping():
+                return
             for slots, _ in pending.values():
                 await self._failures.send(_failure(slots, incomplete=True))
         finally:

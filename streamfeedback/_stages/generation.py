@@ -11,6 +11,7 @@ and a model that left the run for good (`Pool.failed`) is never asked again.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import anyio
 
@@ -64,6 +65,7 @@ async def run(
     concurrency: int,
     principles: PrinciplesConfig | None = None,
     reroute: bool = True,
+    stopping: Callable[[], bool] | None = None,
 ) -> None:
     """Serve `jobs` of model `name` with `concurrency` workers, each result to `results`.
 
@@ -73,8 +75,12 @@ async def run(
     With `reroute`, a job the model fails for good goes to a substitute from `pool` that the
     prompt has not used yet, so the record still gets responses from distinct models.
 
+    Once `stopping()`, no new request starts: queued jobs are passed over, and a failed
+    one is not re-routed (a stopped run leaves them undone, for a rerun).
+
     :raises PoolUnavailable: too few models are left in the run for a record.
     """
+    stopped = stopping or (lambda: False)
     unavailable_logged: set[str] = set()
 
     async def attempt(job: GenerationJob, model: str) -> tuple[Completion, str | None]:
@@ -107,6 +113,8 @@ async def run(
     async def worker(inbox: Receiver[GenerationJob]) -> None:
         async with inbox:
             async for job in inbox:
+                if stopped():
+                    continue
                 model = name
                 errors: list[str] = []
                 asked = 0
@@ -138,6 +146,8 @@ async def run(
                     except EngineError as exc:
                         errors.append(f"{model}: {type(exc).__name__}: {exc}")
                         pool.failed(model, exc)
+                        if stopped():
+                            break
                         substitute = pool.substitute(job.prompt.id, job.models) if reroute else None
                         if substitute is not None:
                             log.info(

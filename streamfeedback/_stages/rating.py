@@ -7,6 +7,7 @@ within the API's limits, so workers simply wait their turn there.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import anyio
 
@@ -27,8 +28,12 @@ async def run(
     failures: Sender[Failure],
     *,
     concurrency: int,
+    stopping: Callable[[], bool] | None = None,
 ) -> None:
-    """Rate everything from `joined`; closes `records` and `failures` at the end."""
+    """Rate everything from `joined`; closes `records` and `failures` at the end.
+
+    Once `stopping()`, prompts not yet under judgement are passed over (a stopped run leaves
+    them in the spool, for a rerun) and only the requests in flight finish."""
 
     async def worker(
         inbox: Receiver[Joined],
@@ -37,6 +42,8 @@ async def run(
     ) -> None:
         async with inbox, outbox, failed:
             async for item in inbox:
+                if stopping is not None and stopping():
+                    continue
                 try:
                     record = await judge.rate(item)
                 except JudgeUnavailable as exc:

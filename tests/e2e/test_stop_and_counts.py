@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -50,11 +52,19 @@ def _http_config(tmp_path: Path, base_url: str, prompts: int, *, rater: str = ""
     return path
 
 
-async def _start(config: Path, out: Path) -> Process:
-    return await anyio.open_process(
+@asynccontextmanager
+async def _started(config: Path, out: Path) -> AsyncIterator[Process]:
+    """The command line running `config`; killed if the test fails before it ends."""
+    proc = await anyio.open_process(
         [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(out)],
         env={**os.environ, "OPENAI_API_KEY": "sk-test-stop-0123456789"},
     )
+    async with proc:
+        try:
+            yield proc
+        finally:
+            if proc.returncode is None:
+                proc.kill()
 
 
 async def _finish(proc: Process) -> tuple[int, str]:
@@ -72,17 +82,17 @@ async def test_ctrl_c_after_every_prompt_was_taken_finishes_them_and_exits_0(
 
     async def handler(request: Request) -> Reply:
         nonlocal asked
-        if request.model != JUDGE:
+        if request.model == JUDGE:
             asked += 1
-            if asked == 20:  # both generations of every prompt: the source is all taken
+            if asked == 10:  # every prompt is with the judge: nothing is left to start
                 all_asked.set()
-            await release.wait()
+            if asked > 1:  # (the judge's first answer opens it to more than one request)
+                await release.wait()
         return await judge(request)
 
     async with OpenAIServer(handler) as server:
         out = tmp_path / "out.ndjson"
-        proc = await _start(_http_config(tmp_path, server.base_url, 10), out)
-        async with proc:
+        async with _started(_http_config(tmp_path, server.base_url, 10), out) as proc:
             with anyio.fail_after(60):
                 await all_asked.wait()
             proc.send_signal(signal.SIGINT)
@@ -111,8 +121,7 @@ async def test_first_ctrl_c_stops_within_the_drain_timeout_and_says_what_is_left
     async with OpenAIServer(handler) as server:
         config = _http_config(tmp_path, server.base_url, 300)
         out = tmp_path / "out.ndjson"
-        proc = await _start(config, out)
-        async with proc:
+        async with _started(config, out) as proc:
             with anyio.fail_after(60):
                 await busy.wait()
             stopped = time.monotonic()
@@ -123,7 +132,7 @@ async def test_first_ctrl_c_stops_within_the_drain_timeout_and_says_what_is_left
         # the default drain timeout is 10 s; the old one was 60 s
         assert took < 40, f"the first Ctrl-C took {took:.0f}s"
         assert "the drain timeout (10s) ran out" in stderr
-        assert "prompts in flight unfinished and the prompts of the source not read yet" in stderr
+        assert "prompts unfinished and the prompts of the source not read yet" in stderr
         assert "the same command resumes them" in stderr
         assert "Traceback" not in stderr
 
@@ -136,6 +145,48 @@ async def test_first_ctrl_c_stops_within_the_drain_timeout_and_says_what_is_left
     assert rerun.returncode == 0, rerun.stderr.decode()
     ids = [r.id for r in decode_lines(out.read_bytes())]
     assert sorted(ids) == [f"q{i:04d}" for i in range(300)], "every prompt exactly once"
+
+
+async def test_first_ctrl_c_starts_no_new_request_and_ends_when_those_in_flight_are_done(
+    tmp_path: Path,
+) -> None:
+    judge = judge_handler(untidy=0.0, broken=0.0)
+    busy = anyio.Event()
+    signalled: int | None = None
+
+    async def handler(request: Request) -> Reply:
+        if request.model != JUDGE:
+            if len(server.requests) >= 24:
+                busy.set()
+            await anyio.sleep(1.0)  # each generation takes a second
+        return await judge(request)
+
+    async with OpenAIServer(handler) as server:
+        config = _http_config(tmp_path, server.base_url, 400)
+        out = tmp_path / "out.ndjson"
+        async with _started(config, out) as proc:
+            with anyio.fail_after(60):
+                await busy.wait()
+            proc.send_signal(signal.SIGINT)
+            signalled = len(server.requests)
+            code, stderr = await _finish(proc)
+        after = len(server.requests) - signalled
+        assert code == 130, stderr
+        # the requests in flight finish (and their prompts' judge requests, already under
+        # way, may too); nothing new starts, so nothing waits for the drain timeout
+        assert "drain timeout" not in stderr.replace("[pipeline] drain_timeout", "")
+        assert after <= 8, f"{after} requests arrived after the Ctrl-C"
+        assert "the same command resumes them" in stderr
+        done = len(decode_lines(out.read_bytes())) if out.exists() else 0
+        rerun = await anyio.run_process(
+            [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(out)],
+            env={**os.environ, "OPENAI_API_KEY": "sk-test-stop-0123456789"},
+            check=False,
+        )
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    assert f"{done} skipped".encode() in rerun.stderr
+    ids = [r.id for r in decode_lines(out.read_bytes())]
+    assert sorted(ids) == [f"q{i:04d}" for i in range(400)], "every prompt exactly once"
 
 
 def test_a_rerun_with_a_smaller_limit_rates_only_its_own_prompts(tmp_path: Path) -> None:
@@ -168,8 +219,7 @@ async def test_the_summary_counts_n_a_ratings(tmp_path: Path) -> None:
     async with OpenAIServer(handler) as server:
         config = _http_config(tmp_path, server.base_url, 6, rater='aspect = "honesty"\n')
         out = tmp_path / "out.ndjson"
-        proc = await _start(config, out)
-        async with proc:
+        async with _started(config, out) as proc:
             code, stderr = await _finish(proc)
     assert code == 0, stderr
     records = decode_lines(out.read_bytes())
@@ -199,8 +249,7 @@ async def test_a_run_of_failed_prompts_says_as_many_as_the_failures_file_holds(
             rater="max_concurrency = 1\nmax_consecutive_failures = 4\n",
         )
         out = tmp_path / "out.ndjson"
-        proc = await _start(config, out)
-        async with proc:
+        async with _started(config, out) as proc:
             code, stderr = await _finish(proc)
     assert code == 2, stderr
     assert "4 prompts in a row failed" in stderr
@@ -216,11 +265,12 @@ async def test_a_run_of_failed_prompts_says_as_many_as_the_failures_file_holds(
 def test_ctrl_c_while_the_command_starts_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     """Interrupts landing anywhere from Python's start through the package imports, the
     config and the engines' start: never a traceback through our code."""
-    config = write_config(tmp_path, 2000, ttft=0.01)
+    config = write_config(tmp_path, 2000, ttft=0.05, slots=4)
     seen: set[int] = set()
     for i in range(12):
+        out = tmp_path / f"out{i}.ndjson"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(tmp_path / "o")],
+            [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(out)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -230,7 +280,9 @@ def test_ctrl_c_while_the_command_starts_is_one_line_not_a_traceback(tmp_path: P
         stderr = err.decode()
         assert "streamfeedback/" not in stderr, stderr  # no frame of ours in a traceback
         seen.add(proc.returncode)
-        if "Traceback" not in stderr:  # Python's own start, before any code of ours, may print one
+        # Python's own start, before any code of ours runs, may die of the signal or print a
+        # traceback of its own; from our first line on it is one line and 130 (or a record)
+        if "Traceback" not in stderr and proc.returncode != -signal.SIGINT:
             assert proc.returncode == 130, stderr
             assert "interrupted" in stderr or "SIGINT" in stderr, stderr
     assert 130 in seen
