@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# First, before the slow imports below: a quiet Ctrl-C in the CLI process (a no-op elsewhere).
+from . import _early  # noqa: F401
 from ._config import (
     Config,
     EngineConfig,
@@ -23,6 +25,7 @@ from ._exceptions import (
     FileBusy,
     JudgeError,
     JudgeUnavailable,
+    PoolUnavailable,
     SinkError,
     SourceError,
     StreamFeedbackError,
@@ -71,6 +74,7 @@ __all__ = [
     "Pipeline",
     "PipelineConfig",
     "PipelineStatistics",
+    "PoolUnavailable",
     "Prompt",
     "RaterConfig",
     "Record",

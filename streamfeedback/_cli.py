@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from . import __version__
+from . import __version__, _early
 from ._config import Config, check_environment, load_config
 from ._exceptions import (
     ConfigError,
     EngineUnavailable,
     FileBusy,
     JudgeUnavailable,
+    PoolUnavailable,
     SinkError,
     SourceError,
     StreamFeedbackError,
@@ -59,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.verbose += args.sub_verbose
     args.quiet += args.sub_quiet
     _setup_logging(args.verbose - args.quiet)
+    _early.release()
     try:
         return _main(parser, args)
     except BrokenPipeError:
@@ -427,7 +429,8 @@ async def _run(args: argparse.Namespace, held: list[int]) -> int:
         raise
 
     started = time.monotonic()
-    interrupted = False
+    interrupted = cut = False  # a stop signal came; in-flight work was cancelled
+    second = False
     pipeline: Pipeline | None = None
     exit_code = EXIT_OK
     written = 0
@@ -438,11 +441,12 @@ async def _run(args: argparse.Namespace, held: list[int]) -> int:
         written += n
 
     async def watch_signals(run_scope: anyio.CancelScope) -> None:
-        nonlocal interrupted
+        nonlocal interrupted, second
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 if interrupted or pipeline is None:
                     if interrupted:
+                        second = True
                         log.warning(
                             "second %s: cancelling requests in flight", signal.Signals(signum).name
                         )
@@ -451,11 +455,12 @@ async def _run(args: argparse.Namespace, held: list[int]) -> int:
                     return
                 interrupted = True
                 log.warning(
-                    "%s: no new prompts; finishing those in flight (up to %gs; again to cancel)",
+                    "%s: no new prompts or requests; finishing the requests in flight (up to "
+                    "%gs, [pipeline] drain_timeout; again to stop at once)",
                     signal.Signals(signum).name,
                     config.pipeline.drain_timeout,
                 )
-                pipeline.stop_intake()
+                pipeline.stop()
                 run_scope.deadline = anyio.current_time() + config.pipeline.drain_timeout
 
     try:
@@ -499,12 +504,18 @@ async def _run(args: argparse.Namespace, held: list[int]) -> int:
                                 )
                             )
                         await drain(records, writer, on_write=count_written)
+                cut = run_scope.cancelled_caught
+                if cut and not second and pipeline is not None:
+                    log.warning(
+                        "the drain timeout (%gs) ran out: cancelled the requests in flight",
+                        config.pipeline.drain_timeout,
+                    )
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise unwrap_group(group) from None
-    except (EngineUnavailable, JudgeUnavailable) as exc:
+    except (EngineUnavailable, JudgeUnavailable, PoolUnavailable) as exc:
         log.error("%s", exc)
-        exit_code = EXIT_USAGE if isinstance(exc, JudgeUnavailable) else EXIT_FAILURES
+        exit_code = EXIT_FAILURES if isinstance(exc, EngineUnavailable) else EXIT_USAGE
     except FileBusy:
         raise
     except SinkError as exc:
@@ -534,11 +545,34 @@ async def _run(args: argparse.Namespace, held: list[int]) -> int:
         stats = pipeline.statistics()
         if exit_code == EXIT_OK and stats.failures:
             exit_code = EXIT_FAILURES
-    if interrupted and exit_code == EXIT_OK:
-        exit_code = EXIT_INTERRUPTED
-    if interrupted and out == "-":
-        log.warning("records went to stdout: to resume an interrupted run, write with -o FILE")
+    # A stop that came after the source was all taken, and let everything finish, interrupted
+    # nothing: the run is complete and says so.
+    complete = (
+        pipeline is not None
+        and pipeline.source_done
+        and not cut
+        and pipeline.statistics().in_flight == 0
+    )
+    if interrupted and not complete:
+        if exit_code == EXIT_OK:
+            exit_code = EXIT_INTERRUPTED
+        if pipeline is not None:
+            _unfinished(pipeline, out)
+        if out == "-":
+            log.warning("records went to stdout: to resume an interrupted run, write with -o FILE")
     return exit_code
+
+
+def _unfinished(pipeline: Pipeline, out: str) -> None:
+    """After a stop: what is left undone, and that the same command picks it up."""
+    s = pipeline.statistics()
+    left = max(0, s.in_flight)
+    rest = "" if pipeline.source_done else " and the prompts of the source not read yet"
+    again = "the same command resumes them" if out != "-" else "they are not done"
+    kept = ""
+    if pipeline.spool is not None and pipeline.mode != "rate":
+        kept = f"; finished generations are kept in {pipeline.spool.path}"
+    log.warning("stopped: %d prompts unfinished%s; %s%s", left, rest, again, kept)
 
 
 def _summary(
@@ -577,6 +611,8 @@ def _summary(
         f"{s.skipped} skipped (already done)",
         f"{s.failures} failed" + (f" (see {failures})" if s.failures else ""),
     ]
+    if s.from_spool:
+        parts.insert(2, f"{s.from_spool} generated before (rated from the spool)")
     if s.duplicates:
         parts.append(f"{s.duplicates} duplicate ids dropped")
     for name, times in pipeline.pool.cooldowns().items():
@@ -588,6 +624,8 @@ def _summary(
     if pipeline.mode != "generate":
         parts.append(
             f"judge: {s.judge_requests} requests ({s.judge_reasks} re-asks), "
-            f"{s.null_ratings} null ratings{judge}"
+            f"{s.null_ratings} null ratings"
+            + (f", {s.not_applicable} N/A" if s.not_applicable else "")
+            + judge
         )
     log.log(level, "%s", "; ".join(parts))

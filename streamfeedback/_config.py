@@ -8,6 +8,7 @@ file itself, so a config runs the same from any working directory.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ __all__ = [
     "RoutingConfig",
     "SourceConfig",
     "SpoolConfig",
+    "api_key",
     "load_config",
 ]
 
@@ -50,6 +52,24 @@ ASPECTS: tuple[str, ...] = (
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Base of every section: unknown keys are errors, so typos never pass silently."""
+
+    def __post_init__(self) -> None:
+        # TOML has `nan` and `inf`; no key of ours means anything by them, and a NaN passes
+        # every `<` check below only to crash the run later.
+        for key in self.__struct_fields__:
+            value = getattr(self, key)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"`{key}` must be a finite number, not {value}")
+
+
+def _at_least(section: _Section, key: str, low: float, *, strict: bool = False) -> None:
+    """`key` of `section` must be >= low (> low when `strict`); None means unset."""
+    value = getattr(section, key)
+    if value is None:
+        return
+    if value < low or (strict and value == low):
+        word = "greater than" if strict else "at least"
+        raise ValueError(f"`{key}` must be {word} {low:g}, got {value:g}")
 
 
 class SourceConfig(_Section, frozen=True, kw_only=True):
@@ -78,6 +98,8 @@ class RoutingConfig(_Section, frozen=True, kw_only=True):
     cooldown: float = 30.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least(self, "cooldown", 0.0, strict=True)
         if self.n < 1:
             raise ValueError("`n` must be at least 1")
         if self.batch_size < 1:
@@ -121,8 +143,18 @@ class EngineConfig(_Section, frozen=True, kw_only=True):
     sim_output_tokens: int = 64
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.max_tokens < 1:
             raise ValueError("`max_tokens` must be at least 1")
+        _at_least(self, "temperature", 0.0)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"`top_p` must be greater than 0 and at most 1, got {self.top_p:g}")
+        _at_least(self, "timeout", 0.0, strict=True)
+        _at_least(self, "max_retries", 0)
+        _at_least(self, "rate_limit_patience", 0.0)
+        for key in ("sim_ttft", "sim_tpot"):
+            _at_least(self, key, 0.0)
+        _at_least(self, "sim_output_tokens", 1)
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError("`max_concurrency` must be at least 1")
         for key in ("requests_per_minute", "tokens_per_minute"):
@@ -198,6 +230,10 @@ class RaterConfig(EngineConfig, frozen=True, kw_only=True):
         super().__post_init__()
         if self.max_attempts < 1:
             raise ValueError("`max_attempts` must be at least 1")
+        _at_least(self, "max_consecutive_failures", 1)
+        _at_least(self, "batch_poll_interval", 0.0, strict=True)
+        for key in ("input_cost_per_mtok", "output_cost_per_mtok"):
+            _at_least(self, key, 0.0)
         if self.aspects is not None and not self.aspects:
             raise ValueError("`aspects` must name at least one aspect")
 
@@ -256,10 +292,12 @@ class PipelineConfig(_Section, frozen=True, kw_only=True):
     """Tuning: channel bounds and the shutdown deadline."""
 
     buffer: int = 64
-    drain_timeout: float = 60.0
+    drain_timeout: float = 10.0
     metrics_port: int | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least(self, "drain_timeout", 0.0, strict=True)
         if self.buffer < 1:
             raise ValueError("`buffer` must be at least 1")
         if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
@@ -379,11 +417,22 @@ def check_environment(config: Config, origin: str = "<config>") -> None:
         if engine.backend != "openai":
             continue
         var = api_key_env(engine)
-        if var is not None and not os.environ.get(var):
+        if var is None:
+            continue
+        key = api_key(engine)
+        if not key:
             raise ConfigError(
                 origin,
                 f"{where}.api_key_env",
                 f"environment variable {var} is not set (it should hold the API key)",
+            )
+        if not key.isascii() or not key.isprintable():
+            # An HTTP header cannot carry it: the run would fail on its first request.
+            raise ConfigError(
+                origin,
+                f"{where}.api_key_env",
+                f"environment variable {var} holds a character an API key cannot have "
+                "(not printable ASCII); check how it was set",
             )
 
 

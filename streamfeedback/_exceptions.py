@@ -8,6 +8,7 @@
     │   ├── EngineBusy               rate limited / overloaded (retryable)
     │   ├── EngineRequestError       the request itself is bad (too long, refused): not retryable
     │   └── EngineUnavailable        gone or cannot start: not retryable (what stops the run: below)
+    ├── PoolUnavailable              too few generators are left to make a record (exit 2)
     ├── JudgeError                   the judge could not rate a prompt
     │   └── JudgeUnavailable         the judge is unusable (bad key, missing model): fatal
     └── SinkError                    the output cannot be written (stdout closed, disk full)
@@ -18,7 +19,9 @@ Per-prompt failures (EngineError, JudgeError) become failure records; the rest s
 start stops it before the first prompt, and the judge's becomes `JudgeUnavailable`. A generator
 that becomes unavailable mid-run fails like any other request: its prompts go to substitutes
 (`[routing] on_generation_failure = "reroute"`) or to the failures file, and it leaves routing
-for `[routing] cooldown` seconds; the run goes on with the other models.
+for `[routing] cooldown` seconds; the run goes on with the other models. A generator that never
+answered and failed its first requests alike (or was refused its key or model) leaves the run
+for good; once fewer than `n` are left, `PoolUnavailable` stops the run.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ __all__ = [
     "FileBusy",
     "JudgeError",
     "JudgeUnavailable",
+    "PoolUnavailable",
     "SinkError",
     "SourceError",
     "StreamFeedbackError",
@@ -75,6 +79,12 @@ class EngineError(StreamFeedbackError):
         self.status = status
         super().__init__(f"{engine}: {message}")
 
+    @property
+    def kind(self) -> str:
+        """How the request failed (`HTTP 400`, `EngineBusy` for an unreachable server): failures
+        of one kind, again and again from an engine that never answered, mean a dead end."""
+        return f"HTTP {self.status}" if self.status is not None else type(self).__name__
+
 
 class EngineTimeout(EngineError):
     """The engine did not answer in time."""
@@ -108,12 +118,21 @@ class EngineUnavailable(EngineError):
     and for the judge; a generator's prompts go to other models (see the module docstring)."""
 
 
+class PoolUnavailable(StreamFeedbackError):
+    """So many generators left the run (each failed every request it made) that no record can
+    get its `n` responses: stops the run, naming each one's endpoint and error."""
+
+
 class JudgeError(StreamFeedbackError):
     """The judge could not rate one prompt."""
 
 
 class JudgeUnavailable(JudgeError):
     """The judge cannot be used at all (bad key, missing model): stops the run."""
+
+    prompt_error: str | None = None
+    """Set when the stop is the last of a run of failed prompts: that prompt failed too, with
+    this error, and belongs in the failures file like the others."""
 
 
 class SinkError(StreamFeedbackError):

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import msgspec
 
 from .._records import Message
+from .neutralize import neutralize
 
 __all__ = ["ASPECTS", "AspectSpec", "build_messages"]
 
@@ -264,8 +265,9 @@ def build_messages(aspect: str, instruction: str, texts: Sequence[str]) -> list[
     n = len(texts)
     count = "There is 1 text" if n == 1 else f"There are {n} texts"
     blocks = "one block, for Text 1" if n == 1 else f"{n} blocks, Text 1 to Text {n}"
-    body = "\n".join(f"<text {k}> {text}" for k, text in enumerate(texts, start=1))
+    body = "\n".join(f"<text {k}> {neutralize(text)}" for k, text in enumerate(texts, start=1))
     user = (
-        f"{head}{count} to rate; write {blocks}.\n\nInstruction: {instruction}\n\nTexts:\n{body}\n"
+        f"{head}{count} to rate; write {blocks}.\n\n"
+        f"Instruction: {neutralize(instruction)}\n\nTexts:\n{body}\n"
     )
     return [Message("system", _SYSTEM), Message("user", user)]

@@ -36,12 +36,16 @@ __all__ = [
 
 log = logging.getLogger("streamfeedback.judge")
 
+_DEAD_END = 2
+"""Requests in a row that fail alike, before the judge ever answered, that stop the run."""
+
 
 class JudgeStatistics(msgspec.Struct, frozen=True, kw_only=True):
     requests: int
     reasks: int
     null_ratings: int
     ratings: int
+    not_applicable: int = 0
 
 
 def _readable(block: BlockRating | None) -> bool:
@@ -72,11 +76,14 @@ class Judge:
         self._requests = 0
         self._reasks = 0
         self._null = 0
+        self._na = 0
         self._ratings = 0
         self._consecutive_failures = 0
         self._answered = False
         self._probe: anyio.Lock | None = None
         self._dead: EngineUnavailable | None = None
+        self._probe_kind = ""
+        self._probe_failures = 0
 
     def statistics(self) -> JudgeStatistics:
         return JudgeStatistics(
@@ -84,6 +91,7 @@ class Judge:
             reasks=self._reasks,
             null_ratings=self._null,
             ratings=self._ratings,
+            not_applicable=self._na,
         )
 
     async def rate(self, joined: Joined) -> Record:
@@ -99,11 +107,13 @@ class Judge:
         except JudgeError as exc:
             self._consecutive_failures += 1
             limit = self.config.max_consecutive_failures
-            if limit and self._consecutive_failures >= limit:
-                raise JudgeUnavailable(
+            if self._consecutive_failures >= limit:
+                stop = JudgeUnavailable(
                     f"judge {self.label}: {self._consecutive_failures} prompts in a row failed "
                     f"(last: {exc}); stopping instead of failing every prompt"
-                ) from exc
+                )
+                stop.prompt_error = str(exc)
+                raise stop from exc
             raise
         self._consecutive_failures = 0
         return self._record(joined, results)
@@ -165,9 +175,33 @@ class Judge:
                 except EngineUnavailable as exc:
                     self._dead = exc
                     raise
+                except EngineError as exc:
+                    self._probe_failed(exc)
+                    raise
                 self._answered = True
                 return completion
         return await self.engine.generate(request)
+
+    def _probe_failed(self, exc: EngineError) -> None:
+        """A judge that never answered and failed its first requests alike (nothing listens,
+        always 500, the same 400) is dead: stop now, not after `max_consecutive_failures`
+        prompts' worth of retries.
+
+        :raises EngineUnavailable: the judge is dead.
+        """
+        if exc.status == 429:
+            return
+        kind = exc.kind
+        self._probe_failures = self._probe_failures + 1 if kind == self._probe_kind else 1
+        self._probe_kind = kind
+        if self._probe_failures >= _DEAD_END:
+            self._dead = EngineUnavailable(
+                self.engine.name,
+                f"never answered; its first {self._probe_failures} requests all failed "
+                f"(last: {exc})",
+                status=exc.status,
+            )
+            raise self._dead from exc
 
     async def _rate_aspect(self, joined: Joined, aspect: str) -> AspectResult:
         shown: list[BlockRating | None] = [None] * len(joined.generations)
@@ -178,9 +212,9 @@ class Judge:
             try:
                 completion = await self._ask(request)
             except EngineUnavailable as exc:
-                raise JudgeUnavailable(f"judge {self.label}: {exc}") from exc
+                raise JudgeUnavailable(f"judge {self.label}: {_reason(exc)}") from exc
             except EngineError as exc:
-                raise JudgeError(f"judge {self.label} ({aspect}): {exc}") from exc
+                raise JudgeError(f"judge {self.label} ({aspect}): {_reason(exc)}") from exc
             shown = merge_blocks(shown, self.parse(joined, aspect, completion.text))
             if complete(shown):
                 break
@@ -265,6 +299,7 @@ class Judge:
         not_applicable = na if any(na) else None
         self._ratings += n
         self._null += sum(1 for b in blocks if not _readable(b))
+        self._na += sum(na)
         if spec.typed:
             return AspectResult(
                 ratings=ratings,
@@ -337,3 +372,9 @@ def fine_grained_scores(results: Sequence[AspectResult], n: int) -> list[float |
             round(sum(v for v in values if v is not None) / len(values), 4) if values else None
         )
     return scores
+
+
+def _reason(exc: EngineError) -> str:
+    """The engine's message without its name, which the judge's own prefix already gives."""
+    text, prefix = str(exc), f"{exc.engine}: "
+    return text[len(prefix) :] if text.startswith(prefix) else text

@@ -13,7 +13,7 @@ import re
 
 import msgspec
 
-__all__ = ["BlockRating", "parse_answer"]
+__all__ = ["MARKER_LINE", "BlockRating", "parse_answer", "reads_as_marker"]
 
 
 class BlockRating(msgspec.Struct, frozen=True, kw_only=True):
@@ -118,6 +118,15 @@ def parse_answer(
     if tidy is not None:
         return tidy
     return _read_general(answer, n, typed=typed, allows_na=allows_na)
+
+
+MARKER_LINE = re.compile(rf"(?:{_HEADER.pattern})|(?:{_FIELD.pattern})", re.I | re.M)
+"""A line start that would read as a block header or a field label in a judge's answer."""
+
+
+def reads_as_marker(line: str) -> bool:
+    """Whether one line would read as a block header or a field label in a judge's answer."""
+    return bool(MARKER_LINE.match(line))
 
 
 def _read_general(answer: str, n: int, *, typed: bool, allows_na: bool) -> list[BlockRating | None]:

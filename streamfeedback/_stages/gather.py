@@ -42,7 +42,8 @@ class Gather:
     earlier run spooled in part to (models, slots done); an entry is taken when the prompt's
     first response arrives. `on_complete(prompt_id)` is told when a prompt has all its
     answers (or failures). Leaving `async with` normally reports the prompts still
-    incomplete as failures; leaving it in any way closes every output.
+    incomplete as failures (unless `stopping()`: the run was stopped, and they are unfinished,
+    for a rerun); leaving it in any way closes every output.
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class Gather:
         resumed: MutableMapping[str, tuple[tuple[str, ...], frozenset[int]]] | None = None,
         on_complete: Callable[[str], None] | None = None,
         on_failed: Callable[[str], None] | None = None,
+        stopping: Callable[[], bool] | None = None,
     ) -> None:
         self._joined = joined
         self._failures = failures
@@ -61,6 +63,7 @@ class Gather:
         self._resumed = resumed if resumed is not None else {}
         self._on_complete = on_complete
         self._on_failed = on_failed
+        self._stopping = stopping
         self._pending: dict[str, tuple[Prompt, list[_Slot], list[int]]] = {}
 
     @property
@@ -106,6 +109,8 @@ class Gather:
         """Report every incomplete prompt as a failure, then close both outputs."""
         try:
             pending, self._pending = self._pending, {}
+            if self._stopping is not None and self._stopping():
+                return
             for prompt, slots, _ in pending.values():
                 await self._failures.send(_failure(prompt, slots, incomplete=True))
         finally:

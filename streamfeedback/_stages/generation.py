@@ -4,12 +4,14 @@ Every job becomes its own `engine.generate` call as soon as a worker is free; up
 `concurrency` calls are in flight per engine (continuous dispatch, never "send a batch,
 wait for the slowest"). A failed call is re-routed to a substitute model, or becomes a
 `GenerationFailure` for gather when no model is left. A job queued for a model that has
-since cooled down goes straight to a substitute instead of to a server known to be failing.
+since cooled down goes straight to a substitute instead of to a server known to be failing,
+and a model that left the run for good (`Pool.failed`) is never asked again.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import anyio
 
@@ -63,6 +65,7 @@ async def run(
     concurrency: int,
     principles: PrinciplesConfig | None = None,
     reroute: bool = True,
+    stopping: Callable[[], bool] | None = None,
 ) -> None:
     """Serve `jobs` of model `name` with `concurrency` workers, each result to `results`.
 
@@ -71,7 +74,13 @@ async def run(
 
     With `reroute`, a job the model fails for good goes to a substitute from `pool` that the
     prompt has not used yet, so the record still gets responses from distinct models.
+
+    Once `stopping()`, no new request starts: queued jobs are passed over, and a failed
+    one is not re-routed (a stopped run leaves them undone, for a rerun).
+
+    :raises PoolUnavailable: too few models are left in the run for a record.
     """
+    stopped = stopping or (lambda: False)
     unavailable_logged: set[str] = set()
 
     async def attempt(job: GenerationJob, model: str) -> tuple[Completion, str | None]:
@@ -104,21 +113,41 @@ async def run(
     async def worker(inbox: Receiver[GenerationJob]) -> None:
         async with inbox:
             async for job in inbox:
+                if stopped():
+                    continue
                 model = name
                 errors: list[str] = []
                 asked = 0
                 while True:
-                    if reroute and pool.cooling(model):
-                        substitute = pool.substitute(job.prompt.id, job.models)
-                        if substitute is not None:
+                    pool.check()
+                    gone = pool.gone(model) is not None
+                    if gone or (reroute and pool.cooling(model)):
+                        substitute = pool.substitute(job.prompt.id, job.models) if reroute else None
+                        if substitute is not None or gone:
                             errors.append(f"{model}: {pool.cooling_reason(model)}")
+                        if substitute is not None:
                             model = substitute
                             continue
+                        if gone:  # never ask a model that left the run
+                            await results.send(
+                                GenerationFailure(
+                                    prompt=job.prompt,
+                                    models=job.models,
+                                    slot=job.slot,
+                                    model=name,
+                                    error="; ".join(errors),
+                                    attempts=asked,
+                                ),
+                            )
+                            break
                     asked += 1
                     try:
                         completion, principle = await attempt(job, model)
                     except EngineError as exc:
                         errors.append(f"{model}: {type(exc).__name__}: {exc}")
+                        pool.failed(model, exc)
+                        if stopped():
+                            break
                         substitute = pool.substitute(job.prompt.id, job.models) if reroute else None
                         if substitute is not None:
                             log.info(

@@ -7,6 +7,7 @@ within the API's limits, so workers simply wait their turn there.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import anyio
 
@@ -27,8 +28,12 @@ async def run(
     failures: Sender[Failure],
     *,
     concurrency: int,
+    stopping: Callable[[], bool] | None = None,
 ) -> None:
-    """Rate everything from `joined`; closes `records` and `failures` at the end."""
+    """Rate everything from `joined`; closes `records` and `failures` at the end.
+
+    Once `stopping()`, prompts not yet under judgement are passed over (a stopped run leaves
+    them in the spool, for a rerun) and only the requests in flight finish."""
 
     async def worker(
         inbox: Receiver[Joined],
@@ -37,21 +42,17 @@ async def run(
     ) -> None:
         async with inbox, outbox, failed:
             async for item in inbox:
+                if stopping is not None and stopping():
+                    continue
                 try:
                     record = await judge.rate(item)
-                except JudgeUnavailable:
+                except JudgeUnavailable as exc:
+                    if exc.prompt_error is not None:
+                        await failed.send(_failure(item, exc.prompt_error))
                     raise
                 except JudgeError as exc:
                     log.warning("rating failed for %s: %s", item.prompt.id, exc)
-                    await failed.send(
-                        Failure(
-                            id=item.prompt.id,
-                            stage="rating",
-                            error=str(exc),
-                            instruction=item.prompt.instruction,
-                            line=item.prompt.line,
-                        )
-                    )
+                    await failed.send(_failure(item, str(exc)))
                     continue
                 await outbox.send(record)
 
@@ -60,3 +61,13 @@ async def run(
             tg.start_soon(
                 worker, joined.clone(), records.clone(), failures.clone(), name=f"judge-{i}"
             )
+
+
+def _failure(item: Joined, error: str) -> Failure:
+    return Failure(
+        id=item.prompt.id,
+        stage="rating",
+        error=error,
+        instruction=item.prompt.instruction,
+        line=item.prompt.line,
+    )

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import BinaryIO
 
 import anyio
@@ -253,10 +253,17 @@ class _Joiner:
     prompts. `fresh_from` is where this run's lines begin: only prompts completed before it
     (by earlier runs) can complete twice, so only their ids are remembered."""
 
-    def __init__(self, done: IdSet, dropped: IdSet, fresh_from: int) -> None:
+    def __init__(
+        self,
+        done: IdSet,
+        dropped: IdSet,
+        fresh_from: int,
+        keep: Callable[[int], bool] | None = None,
+    ) -> None:
         self.done = done
         self.dropped = dropped
         self.fresh_from = fresh_from
+        self.keep = keep
         self.pending: dict[str, _Pending] = {}
         self._seen = IdSet()
 
@@ -300,7 +307,9 @@ class _Joiner:
         if missing[0]:
             return None
         del self.pending[key]
-        if offset < self.fresh_from and not self._seen.add(key):
+        if offset < self.fresh_from and (
+            (self.keep is not None and not self.keep(prompt.index)) or not self._seen.add(key)
+        ):
             return None
         return Joined(prompt=prompt, generations=[g for g in slots if g is not None])
 
@@ -309,8 +318,10 @@ class Spool:
     """An append-only spool file with a cursor for the judge.
 
     `write` (the writer task) appends and `read` (the reader task) follows; both belong to
-    the pipeline's task group. `done` prompts (already in the output) are not read;
-    `resumed` prompts have their first line in the file already.
+    the pipeline's task group. `done` prompts (already in the output) are not read, and
+    neither are prompts of earlier runs whose source ordinal `keep(index)` refuses (a rerun
+    with a smaller `--limit`, another shard); `resumed` prompts have their first line in the
+    file already.
     """
 
     def __init__(
@@ -320,10 +331,12 @@ class Spool:
         cache: int = 1024,
         done: IdSet | None = None,
         resumed: Resumed | None = None,
+        keep: Callable[[int], bool] | None = None,
     ) -> None:
         self.path = path
         self.cache_limit = cache
         self.done = done or IdSet()
+        self.keep = keep
         self._dropped = IdSet()
         self._cache: OrderedDict[int, tuple[int, Generation]] = OrderedDict()
         self._open: dict[str, int] = {
@@ -432,7 +445,7 @@ class Spool:
                         await self._grew.wait()
                         continue
                     if joiner is None:  # the writer has opened the file: its size is known
-                        joiner = _Joiner(self.done, self._dropped, self._initial_end)
+                        joiner = _Joiner(self.done, self._dropped, self._initial_end, self.keep)
                     cached = self._cache.pop(cursor, None)
                     if cached is not None:
                         size, gen = cached

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -136,3 +137,85 @@ async def test_a_long_spell_of_429s_slows_the_run_but_fails_nothing(tmp_path: Pa
     assert len(decode_lines(out.read_bytes())) == 40
     failures = Path(f"{out}.failures.ndjson")
     assert not failures.exists() or failures.read_bytes() == b""
+
+
+def _nothing_listens() -> str:
+    """A base URL on 127.0.0.1 where nothing listens (connection refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+async def test_a_judge_where_nothing_listens_stops_the_run_in_seconds(tmp_path: Path) -> None:
+    dead = _nothing_listens()
+    async with OpenAIServer(judge_handler(untidy=0.0, broken=0.0)) as server:
+        config = _config(tmp_path, server.base_url, 60, judge_extra="max_retries = 2\n")
+        head, sep, rater = config.read_text().partition("[rater]")
+        config.write_text(head + sep + rater.replace(server.base_url, dead))
+        out = tmp_path / "out.ndjson"
+        code, stderr = await _run(config, out)
+    text = stderr.decode()
+    assert code == 2, text
+    assert dead in text, text
+    assert "cannot reach" in text and "Traceback" not in text
+    failures = Path(f"{out}.failures.ndjson")
+    assert not failures.exists() or not failures.read_bytes().strip(), (
+        "the first refused connection stops the run: no prompt fails for good, a rerun takes them"
+    )
+    assert Path(f"{out}.spool.ndjson").read_bytes().count(b"\n") > 0, "generations are kept"
+
+
+async def test_a_judge_that_always_answers_500_stops_the_run(tmp_path: Path) -> None:
+    judge = judge_handler(untidy=0.0, broken=0.0)
+
+    async def handler(request: Request) -> Reply:
+        if request.model == JUDGE:
+            return Reply.failure(500, "internal error")
+        return await judge(request)
+
+    async with OpenAIServer(handler) as server:
+        config = _config(tmp_path, server.base_url, 60, judge_extra="max_retries = 1\n")
+        code, stderr = await _run(config, tmp_path / "out.ndjson")
+        judge_requests = sum(r.model == JUDGE for r in server.requests)
+    text = stderr.decode()
+    assert code == 2, text
+    assert "500" in text and server.base_url in text and JUDGE in text
+    assert judge_requests == 4, "two prompts, two attempts each: then the judge is dead"
+
+
+@pytest.mark.parametrize("status", [400, None])
+async def test_generators_that_fail_every_request_stop_the_run_naming_the_endpoint(
+    tmp_path: Path, status: int | None
+) -> None:
+    """Every model answers 400 to everything, or nothing listens at their address."""
+    judge = judge_handler(untidy=0.0, broken=0.0)
+
+    async def handler(request: Request) -> Reply:
+        if request.model != JUDGE and status is not None:
+            return Reply.failure(status, "max_tokens is too large for this model")
+        return await judge(request)
+
+    async with OpenAIServer(handler) as server:
+        config = _config(tmp_path, server.base_url, 200)
+        if status is None:
+            dead = _nothing_listens()
+            text = config.read_text()
+            head, sep, rater = text.partition("[rater]")
+            config.write_text(head.replace(server.base_url, dead) + sep + rater)
+        where = dead if status is None else server.base_url
+        out = tmp_path / "out.ndjson"
+        started = time.monotonic()
+        code, stderr = await _run(config, out)
+        took = time.monotonic() - started
+        generator_requests = sum(r.model != JUDGE for r in server.requests)
+    text = stderr.decode()
+    assert code == 2, text
+    last = text.splitlines()[-2]
+    assert "generators left" in last and where in last, last
+    assert "Traceback" not in text
+    assert took < 60
+    if status is not None:
+        # a first wave of requests is in flight before any answer comes back
+        assert generator_requests < 600, generator_requests
+    assert not out.exists() or out.read_bytes() == b""

@@ -53,7 +53,7 @@ def test_kill_9_then_rerun_leaves_every_prompt_exactly_once(tmp_path: Path) -> N
 
 
 def test_sigterm_drains_like_ctrl_c(tmp_path: Path) -> None:
-    config = write_config(tmp_path, 300, ttft=0.05, slots=4)
+    config = write_config(tmp_path, 3000, ttft=0.05, slots=4)
     out = tmp_path / "out.ndjson"
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(out)],
@@ -66,6 +66,7 @@ def test_sigterm_drains_like_ctrl_c(tmp_path: Path) -> None:
     assert proc.returncode == 130, stderr.decode()
     assert out.read_bytes().endswith(b"\n")
     assert b"SIGTERM" in stderr
+    assert b"not read yet; the same command resumes them" in stderr
 
 
 def test_second_ctrl_c_cancels_in_flight_and_leaves_whole_lines(tmp_path: Path) -> None:

@@ -77,7 +77,9 @@ def test_killed_after_generation_the_rerun_generates_nothing(tmp_path: Path) -> 
     rerun = sf("run", str(config), "-o", str(out))
     assert rerun.returncode == 0, rerun.stderr.decode()
     assert b"0 tokens generated" in rerun.stderr
-    assert b"150 skipped" in rerun.stderr
+    # what was rated is skipped; what was only generated is rated, and said so
+    assert f"{rated_before} skipped (already done)".encode() in rerun.stderr
+    assert f"{150 - rated_before} generated before (rated from the spool)".encode() in rerun.stderr
     ids = [r.id for r in decode_lines(out.read_bytes())]
     assert sorted(ids) == [f"q{i:05d}" for i in range(150)]
 

@@ -3,13 +3,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from streamfeedback import (
     ChatRequest,
+    EngineBusy,
     EngineRequestError,
     EngineUnavailable,
     Failure,
     Pipeline,
+    PoolUnavailable,
 )
 from streamfeedback._pool import Pool
 from streamfeedback.engines import FakeEngine
@@ -29,9 +32,9 @@ def _engines(broken: str, error: type[Exception] = EngineUnavailable) -> dict[st
     return {name: make(name) for name in POOL}
 
 
-async def test_a_failing_model_is_substituted_and_cools_down(tmp_path: Path) -> None:
+async def test_a_failing_model_is_substituted_and_leaves_routing(tmp_path: Path) -> None:
     config = sim_config(routing={"n": 3, "batch_size": 2, "cooldown": 3600})
-    engines = _engines("charlie")
+    engines = _engines("charlie", EngineBusy)
     async with Pipeline(config, engines=engines, failures_path=str(tmp_path / "f")) as pipeline:
         records = [r async for r in pipeline.run([f"q{i}" for i in range(200)])]
     assert len(records) == 200
@@ -45,11 +48,12 @@ async def test_a_failing_model_is_substituted_and_cools_down(tmp_path: Path) -> 
             substituted += 1
             assert sub.failed_model == "charlie" and "server is gone" in sub.error
             assert r.generation_models[sub.slot] == sub.model
-            cooled += "cooling down" in sub.error
+            cooled += "cooling down" in sub.error or "left the run" in sub.error
     assert substituted > 0
     assert cooled > 0, "jobs queued for charlie after it cooled down went elsewhere unasked"
     assert cooled + len(engines["charlie"].requests) == substituted
     assert pipeline.pool.cooldowns() == {"charlie": 1}
+    assert pipeline.pool.gone("charlie"), "it never answered: a dead end, not a bad patch"
     asked = len(engines["charlie"].requests)
     assert asked < 40, f"charlie should leave routing once it cools down, was asked {asked}x"
     assert not (tmp_path / "f").exists()
@@ -95,3 +99,41 @@ def test_substitutes_are_distinct_per_prompt_and_prefer_healthy_models() -> None
     assert picks[3] is None
     now[0] = 11.0
     assert not pool.cooling("delta") and "delta" in pool.available(3)
+
+
+def _pool() -> Pool:
+    configs = {g.label: g for g in sim_config().generators}
+    return Pool({n: FakeEngine(n, lambda r: "x") for n in POOL}, configs, need=3)
+
+
+def test_a_model_that_never_answered_and_failed_alike_leaves_the_run() -> None:
+    pool = _pool()
+    for _ in range(7):
+        pool.failed("alpha", EngineRequestError("alpha", "bad", status=400))
+    pool.failed("alpha", EngineBusy("alpha", "cannot reach"))  # another kind: starts over
+    for _ in range(7):
+        pool.failed("alpha", EngineRequestError("alpha", "bad", status=400))
+    assert pool.gone("alpha") is None
+    for _ in range(20):
+        pool.failed("alpha", EngineBusy("alpha", "rate limited", status=429))  # busy, not dead
+    pool.failed("alpha", EngineRequestError("alpha", "bad", status=400))
+    assert "first 8 requests" in (pool.gone("alpha") or "")
+    assert "alpha" not in pool.available(3) and pool.substitute("p", ("bravo",)) != "alpha"
+
+    pool.record("bravo", ok=True)
+    for _ in range(50):
+        pool.failed("bravo", EngineRequestError("bravo", "bad", status=400))
+    assert pool.gone("bravo") is None, "a model that answered once cools down instead"
+    pool.failed("bravo", EngineUnavailable("bravo", "401: check the API key", status=401))
+    assert pool.gone("bravo") is not None, "a refused key is a dead end at once"
+    assert pool.exhausted is None
+
+
+def test_too_few_models_left_for_a_record_stops_the_run() -> None:
+    pool = _pool()
+    for name in ("alpha", "bravo", "charlie"):
+        pool.failed(name, EngineUnavailable(name, "http://x/v1 answered 404"))
+    with pytest.raises(PoolUnavailable, match=r"2 of 6 generators left.*needs 3.*http://x/v1"):
+        pool.failed("delta", EngineUnavailable("delta", "http://x/v1 answered 404"))
+    with pytest.raises(PoolUnavailable):
+        pool.check()
