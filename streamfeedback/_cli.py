@@ -362,6 +362,7 @@ async def _run(args: argparse.Namespace) -> int:
                             spool_path=spool,
                             mode=mode,
                             shard=getattr(args, "shard", None),
+                            engine_log_dir=None if out == "-" else f"{out}.logs",
                         ) as pipeline,
                         NdjsonWriter(out) as writer,
                     ):

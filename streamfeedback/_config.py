@@ -227,7 +227,7 @@ class ClusterConfig(_Section, frozen=True, kw_only=True):
     address: str | None = None
     namespace: str | None = None
     restarts: int = 3
-    """How often a dead Ray replica is replaced by a new actor (each replica its own count)."""
+    """How often a dead Ray replica (or local vLLM worker) is replaced (each its own count)."""
 
     def __post_init__(self) -> None:
         if self.restarts < 0:

@@ -79,11 +79,16 @@ class Pool:
             )
 
     def cooling(self, name: str) -> bool:
+        """Out of routing: cooling down, or an engine that says it is gone for good."""
+        if getattr(self.engines[name], "gone", False):
+            return True
         return self._clock() < self._health[name].until
 
     def cooling_reason(self, name: str) -> str:
         """Why `name` is out of routing, for the record of a prompt sent elsewhere instead."""
         last = self._health[name].last_error
+        if getattr(self.engines[name], "gone", False):
+            return f"out of routing for good: its engine is gone (last: {last})"
         return f"cooling down after failing most recent requests (last: {last})"
 
     def cooldowns(self) -> dict[str, int]:
