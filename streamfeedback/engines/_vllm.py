@@ -62,6 +62,7 @@ log = logging.getLogger("streamfeedback.vllm")
 WORKER_MODULE = "streamfeedback.engines._vllm_worker"
 SHUTDOWN_GRACE_S = 10.0
 TERMINATE_GRACE_S = 5.0
+GROUP_EXIT_S = 3.0
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 _ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds `streamfeedback`
 
@@ -395,8 +396,7 @@ class VLLMEngine:
                     if not self._closed:
                         # vLLM's engine core and its workers outlive a killed worker and hold
                         # the GPU (or GBs of RAM): take the whole process group down now.
-                        with contextlib.suppress(ProcessLookupError, PermissionError):
-                            os.killpg(process.pid, signal.SIGKILL)
+                        await _kill_group(process.pid)
                     with anyio.move_on_after(1):  # answers still in the pipe come first
                         await eof.wait()
                     detail = f": {fatal[-1]}" if fatal else ""
@@ -525,9 +525,20 @@ async def _stop_process(process: Process, say_shutdown: Callable[[], Awaitable[N
         _signal_group(process, signal.SIGKILL)
         await process.wait()
     # vLLM's own children (engine core, tensor-parallel workers) share the worker's group.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
+    await _kill_group(process.pid)
     await process.aclose()
+
+
+async def _kill_group(pgid: int) -> None:
+    """SIGKILL a process group and wait (bounded) until it is gone, so that whoever closed
+    the engine can count on its memory (or GPU) being free."""
+    with anyio.move_on_after(GROUP_EXIT_S):
+        while True:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                return
+            await anyio.sleep(0.05)
 
 
 def _signal_group(process: Process, sig: signal.Signals) -> None:
