@@ -332,6 +332,10 @@ async def _run(args: argparse.Namespace) -> int:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 if interrupted or pipeline is None:
+                    if not interrupted:
+                        log.warning(
+                            "%s while the engines start: stopping them", signal.Signals(signum).name
+                        )
                     if interrupted:
                         log.warning(
                             "second %s: cancelling requests in flight", signal.Signals(signum).name

@@ -215,7 +215,9 @@ class VLLMEngine:
             try:
                 await self._spawn()
             except BaseException as exc:
-                await self._kill_worker()
+                # A worker still loading reads no frames: a Shutdown would only wait out its
+                # grace period (Ctrl-C while engines load must stop within seconds).
+                await self._kill_worker(graceful=False)
                 if isinstance(exc, OSError):
                     raise self._unavailable(f"cannot start the worker: {exc}") from exc
                 raise
@@ -280,12 +282,12 @@ class VLLMEngine:
                 reason,
                 left,
             )
-            await self._kill_worker()
+            await self._kill_worker(graceful=False)
             self._dead, self._ready = None, None
             try:
                 await self._spawn()
             except BaseException as exc:
-                await self._kill_worker()
+                await self._kill_worker(graceful=False)
                 self._die(str(exc) if isinstance(exc, EngineError) else reason)
                 if self.gone:
                     log.error("%s: out of routing for good: %s", self.name, self._dead)
@@ -349,14 +351,17 @@ class VLLMEngine:
             self._log_path,
         )
 
-    async def _kill_worker(self) -> None:
-        """Shutdown frame, then SIGTERM, then SIGKILL to the worker's whole process group.
+    async def _kill_worker(self, *, graceful: bool = True) -> None:
+        """Shutdown frame, then SIGTERM, then SIGKILL to the worker's whole process group
+        (only the SIGKILL when not `graceful`).
 
         Shielded and bounded, so it completes even while the caller is being cancelled.
         """
         process, self._process = self._process, None
         service, self._service = self._service, None
         with anyio.CancelScope(shield=True):
+            if process is not None and not graceful:
+                await _kill_group(process.pid)
             if process is not None:
                 await _stop_process(process, lambda: self._send_to(process, Shutdown()))
             if service is not None:

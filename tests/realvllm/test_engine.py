@@ -51,9 +51,7 @@ async def shared(
     tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[VLLMEngine]:
     """One engine for the scenarios that do not end it."""
-    engine = VLLMEngine(
-        "shared", _config(tiny_model_path), log_dir=tmp_path_factory.mktemp("logs")
-    )
+    engine = VLLMEngine("shared", _config(tiny_model_path), log_dir=tmp_path_factory.mktemp("logs"))
     with anyio.fail_after(LOAD_S):
         await engine.start()
     yield engine
