@@ -12,10 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from ..helpers import decode_lines
 from .conftest import group_members
 
 READY = re.compile(r"(\S+): vLLM engine ready \(.*worker pid (\d+); log: (.+)\)$")
+
+pytestmark = pytest.mark.timeout(900)  # engines load slowly on a busy CPU
 
 
 def _engine(name: str, model: Path, gpu: int, **extra: object) -> str:

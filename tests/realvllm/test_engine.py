@@ -26,6 +26,8 @@ from .conftest import group_members
 
 LOAD_S = 240  # a generous bound against hangs, not a speed check
 
+pytestmark = pytest.mark.timeout(900)  # engines load slowly on a busy CPU
+
 
 def _config(model: Path, **kw: Any) -> GeneratorConfig:
     return msgspec.convert(
