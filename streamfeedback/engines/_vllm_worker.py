@@ -377,6 +377,8 @@ class _Worker:
             raise
         except Exception as exc:
             if _is_engine_dead(exc, self.engine):
+                if self.dead:  # every request in flight fails alike: one traceback is enough
+                    return
                 logger.exception("the vLLM engine died")
                 self.dead = True
                 with contextlib.suppress(Exception):

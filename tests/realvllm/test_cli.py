@@ -87,11 +87,11 @@ def test_kill_9_of_a_worker_mid_run_the_run_completes_on_the_others(
     tiny_model_path: Path, tmp_path: Path
 ) -> None:
     gens = "".join(
-        "[[generators]]\n" + _engine(f"m{i}", tiny_model_path, i, max_tokens=200) for i in range(3)
+        "[[generators]]\n" + _engine(f"m{i}", tiny_model_path, i, max_tokens=64) for i in range(3)
     )
     config = _write(
         tmp_path,
-        600,
+        150,
         f'[routing]\nn = 2\n[cluster]\nrestarts = 0\n{gens}[rater]\nbackend = "sim"\n'
         'model = "judge"\n',
     )
@@ -116,10 +116,10 @@ def test_kill_9_of_a_worker_mid_run_the_run_completes_on_the_others(
         while group_members(victim) and time.monotonic() - killed < 10:
             time.sleep(0.1)
         assert not group_members(victim), "the dead worker's vLLM processes must go"
-        rest, _ = proc.communicate(timeout=600)
+        _, rest = proc.communicate(timeout=600)
     stderr = "".join(lines) + rest
     records = decode_lines(out.read_bytes())
-    assert len({r.id for r in records}) == 600, stderr[-3000:]
+    assert len({r.id for r in records}) == 150, stderr[-3000:]
     assert proc.returncode == 0, stderr[-3000:]
     assert "m0: the worker exited with code -9" in stderr and "for good" in stderr
     assert "Traceback" not in stderr

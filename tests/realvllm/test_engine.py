@@ -124,7 +124,7 @@ async def test_cancelled_requests_are_aborted_and_the_engine_serves_on(
         assert (await shared.generate(_ask(3, max_tokens=4))).completion_tokens <= 4
 
 
-async def test_kill_9_of_a_worker_kills_its_tree_then_it_is_restarted_once(
+async def test_kill_9_kills_the_tree_the_worker_restarts_once_then_an_engine_core_death(
     tiny_model_path: Path, tmp_path: Path, no_leftover_processes: list[int]
 ) -> None:
     engine = VLLMEngine("victim", _config(tiny_model_path), log_dir=tmp_path, restarts=1)
@@ -153,11 +153,37 @@ async def test_kill_9_of_a_worker_kills_its_tree_then_it_is_restarted_once(
         assert second is not None and second != first
         no_leftover_processes.append(second)
 
-        os.kill(second, signal.SIGKILL)
-        with anyio.fail_after(30):
-            while not engine.gone:  # noqa: ASYNC110
-                await anyio.sleep(0.1)
-        with pytest.raises(EngineUnavailable, match="code -9"):
+        # Now vLLM's engine core dies under load: every request in flight fails at once with
+        # one clear error (no traceback per request), and no restart is left.
+        core = next(
+            pid
+            for pid in group_members(second)
+            if Path(f"/proc/{pid}/comm").read_text().startswith("VLLM::EngineCor")
+        )
+        errors: list[str] = []
+
+        async def one(i: int) -> None:
+            try:
+                await engine.generate(_ask(10 + i, max_tokens=3000))
+            except EngineUnavailable as exc:
+                errors.append(str(exc))
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(16):
+                    tg.start_soon(one, i)
+                while engine.statistics().in_flight < 16:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+                os.kill(core, signal.SIGKILL)
+        assert len(errors) == 16, errors
+        assert engine.gone
+        with pytest.raises(EngineUnavailable, match="EngineDeadError|exited"):
             await engine.generate(_ask(1))
+        deadline = time.monotonic() + 10
+        while group_members(second) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await anyio.sleep(0.1)
+        assert not group_members(second)
+        log = (tmp_path / "victim.log").read_text()
+        assert log.count("Traceback") <= 3, log[-5000:]
     finally:
         await engine.aclose()
