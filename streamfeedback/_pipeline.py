@@ -160,7 +160,11 @@ class Pipeline:
         self.judge_engine: Engine | None = None
         if mode != "generate":
             self.judge_engine = judge_engine or make_engine(
-                config.rater.model, config.rater, role="judge", log_dir=engine_log_dir
+                config.rater.model,
+                config.rater,
+                role="judge",
+                log_dir=engine_log_dir,
+                restarts=config.cluster.restarts,
             )
         simulated = config.rater.backend == "sim" or any(
             g.backend == "sim" for g in config.generators
