@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import os
 import statistics
 import sys
 import time
@@ -38,6 +39,10 @@ def _requests(n: int, max_tokens: int, round_: int) -> list[ChatRequest]:
         )
         for i in range(n)
     ]
+
+
+# vLLM logs to stdout by default; the figures are this script's stdout.
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
 class Direct:
