@@ -1,6 +1,8 @@
 """streamfeedback embedded in an async app: the pipeline runs in the app's own event loop.
 
-    python examples/embed_async.py [--limit N] [CONFIG.toml]
+    .venv/bin/python examples/embed_async.py [--limit N] [CONFIG.toml]
+
+(`.venv` as the README's setup makes it; `python` will do in an activated venv.)
 
 The "app" here is a heartbeat task that keeps ticking while records stream in, and a
 consumer that keeps a running mean rating per model, as a web service or a training loop

@@ -3,7 +3,7 @@
 # jq can summarise them as they arrive. Needs jq (https://jqlang.org: apt install jq,
 # brew install jq). Logs go to stderr and stay out of the pipe.
 #
-#   bash examples/jq_pipeline.sh [CONFIG.toml]
+#   bash examples/jq_pipeline.sh [CONFIG.toml]     (no need to activate the README's .venv)
 #
 # Prints, per generator model: how many responses it wrote, how many the judge rated, and
 # their mean rating (null ratings, where the judge's answer was unreadable, are left out).
@@ -12,9 +12,21 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 config="${1:-$here/quickstart.toml}"
-sf="${STREAMFEEDBACK:-streamfeedback}"   # e.g. STREAMFEEDBACK="python -m streamfeedback"
+# The program: $STREAMFEEDBACK (e.g. "python -m streamfeedback"), else `streamfeedback` on the
+# PATH (an activated venv), else the README's own setup, .venv beside examples/.
+if [[ -n "${STREAMFEEDBACK:-}" ]]; then
+  sf="$STREAMFEEDBACK"
+elif command -v streamfeedback >/dev/null; then
+  sf=streamfeedback
+elif [[ -x "$here/../.venv/bin/streamfeedback" ]]; then
+  sf="$here/../.venv/bin/streamfeedback"
+else
+  echo "jq_pipeline.sh: streamfeedback not found: run the README's setup (python3 -m venv .venv" \
+    "&& .venv/bin/pip install -e .), activate a venv that has it, or set STREAMFEEDBACK" >&2
+  exit 127
+fi
 
-command -v jq >/dev/null || { echo "jq_pipeline.sh: jq is not installed" >&2; exit 127; }
+command -v jq >/dev/null || { echo "jq_pipeline.sh: jq is not installed (apt install jq)" >&2; exit 127; }
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT

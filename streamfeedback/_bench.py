@@ -426,7 +426,7 @@ def format_result(result: BenchResult) -> str:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the bench flags that `parser` does not define yet (so it may define some itself)."""
+    """Add the bench flags: defined here once, for `streamfeedback bench` and the scripts."""
     flags: list[tuple[str, dict[str, Any]]] = [
         ("--config", {"help": "a config to take the pool from (its engines become sim)"}),
         ("--prompts", {"type": int, "default": 2000, "help": "prompts to stream"}),
@@ -442,10 +442,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         ("--loop", {"choices": ("uvloop", "asyncio"), "default": "uvloop", "help": "event loop"}),
         ("--json", {"action": "store_true", "help": "print one JSON object instead"}),
     ]
-    known = set(parser._option_string_actions)
     for flag, options in flags:
-        if flag not in known:
-            parser.add_argument(flag, **options)
+        parser.add_argument(flag, **options)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -16,14 +16,17 @@ with two differences that matter on a hot path:
 An item handed to a receiver that is cancelled before it resumes goes back to the channel,
 to the next waiter or the front of the buffer, so cancellation never drops an item; while
 such a hand-over is unsettled, end-of-stream waits for it. (anyio drops that item.)
+Like anyio's, an end collected without being closed warns `ResourceWarning`: a stage that
+forgot `async with` would otherwise leave its neighbours waiting for an end that never comes.
 Asyncio only: the library runs in its caller's asyncio loop, the CLI on uvloop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections import deque
-from typing import Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
@@ -118,14 +121,54 @@ def _fail_closed(waiters: set[asyncio.Future[T]]) -> None:
     waiters.clear()
 
 
-class Sender(ObjectSendStream[T]):
-    """The sending end. Clone it per producer; the last one closed ends the stream."""
+_E = TypeVar("_E", bound="_End[Any]")
 
-    __slots__ = ("_closed", "_state", "_waiters")
+
+class _End(Generic[T]):
+    """What both ends share: cloning, the closing forms, statistics, and the warning when an
+    end is collected unclosed."""
+
+    __slots__ = ("_closed", "_state")
 
     def __init__(self, state: _State[T]) -> None:
         self._state = state
         self._closed = False
+
+    def clone(self: _E) -> _E:
+        """Another end of the same kind on the same channel, closed on its own."""
+        if self._closed:
+            raise ClosedResourceError
+        return type(self)(self._state)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def statistics(self) -> ChannelStatistics:
+        return self._state.statistics()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(
+                f"Unclosed <{type(self).__name__} at {id(self):x}>",
+                ResourceWarning,
+                stacklevel=1,
+                source=self,
+            )
+
+
+class Sender(_End[T], ObjectSendStream[T]):
+    """The sending end. Clone it per producer; the last one closed ends the stream."""
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self, state: _State[T]) -> None:
+        super().__init__(state)
         self._waiters: set[asyncio.Future[None]] = set()
         state.senders += 1
 
@@ -172,11 +215,6 @@ class Sender(ObjectSendStream[T]):
         finally:
             self._waiters.discard(waiter)
 
-    def clone(self) -> Sender[T]:
-        if self._closed:
-            raise ClosedResourceError
-        return Sender(self._state)
-
     def close(self) -> None:
         if self._closed:
             return
@@ -187,27 +225,17 @@ class Sender(ObjectSendStream[T]):
         if state.senders == 0 and not state.handing:
             state.end()
 
-    async def aclose(self) -> None:
-        self.close()
-
-    def statistics(self) -> ChannelStatistics:
-        return self._state.statistics()
-
     def __enter__(self) -> Sender[T]:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
-
-class Receiver(ObjectReceiveStream[T]):
+class Receiver(_End[T], ObjectReceiveStream[T]):
     """The receiving end. Clone it per consumer; `async for` ends at end-of-stream."""
 
-    __slots__ = ("_closed", "_state", "_waiters")
+    __slots__ = ("_waiters",)
 
     def __init__(self, state: _State[T]) -> None:
-        self._state = state
-        self._closed = False
+        super().__init__(state)
         self._waiters: set[asyncio.Future[T]] = set()
         state.receivers += 1
 
@@ -271,11 +299,6 @@ class Receiver(ObjectReceiveStream[T]):
         except EndOfStream:
             raise StopAsyncIteration from None
 
-    def clone(self) -> Receiver[T]:
-        if self._closed:
-            raise ClosedResourceError
-        return Receiver(self._state)
-
     def close(self) -> None:
         if self._closed:
             return
@@ -290,17 +313,8 @@ class Receiver(ObjectReceiveStream[T]):
                     waiter_put.set_exception(BrokenResourceError())
             state.buffer.clear()
 
-    async def aclose(self) -> None:
-        self.close()
-
-    def statistics(self) -> ChannelStatistics:
-        return self._state.statistics()
-
     def __enter__(self) -> Receiver[T]:
         return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 class open_channel(tuple[Sender[T], Receiver[T]]):  # used like a function

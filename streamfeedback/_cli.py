@@ -20,7 +20,7 @@ from functools import partial
 import anyio
 
 from . import __version__
-from ._config import Config, EngineConfig, check_environment, load_config
+from ._config import Config, check_environment, load_config
 from ._exceptions import (
     ConfigError,
     EngineUnavailable,
@@ -35,6 +35,7 @@ from ._pricing import judge_cost
 from ._progress import show_progress
 from ._stages.sink import NdjsonWriter, drain, read_done_ids
 from ._stages.source import open_source
+from ._total import Total
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -47,10 +48,25 @@ EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.verbose += args.sub_verbose
+    args.quiet += args.sub_quiet
     _setup_logging(args.verbose - args.quiet)
     try:
+        return _main(parser, args)
+    except BrokenPipeError:
+        # the reader of our stdout went away (`| head -1`): normal in a pipeline
+        _silence_stdout()
+        log.debug("stdout: the reader went away; stopped")
+        return EXIT_OK
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
         if args.command == "validate":
-            return _validate(args.config)
+            return anyio.run(_validate, args)
+        if getattr(args, "limit", None) == 0:
+            log.warning("--limit 0 takes no prompts: nothing to do")
+            return EXIT_OK
         if args.command in ("run", "generate", "rate"):
             return _run_blocking(args)
         if args.command == "bench":
@@ -75,17 +91,38 @@ def _parser() -> argparse.ArgumentParser:
         description="Stream prompts through a pool of LLMs and a judge; NDJSON records out.",
     )
     parser.add_argument("--version", action="version", version=f"streamfeedback {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logs on stderr")
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="fewer logs on stderr")
+    _verbosity(parser, "")
+    # -v and -q also after the subcommand (`run cfg -v`): the same flags under other names,
+    # added up in main(), since a subcommand's defaults would overwrite the main parser's
+    common = argparse.ArgumentParser(add_help=False)
+    _verbosity(common, "sub_")
     sub = parser.add_subparsers(dest="command")
 
-    run = sub.add_parser("run", help="run the pipeline; records to stdout (or -o)")
-    generate = sub.add_parser(
-        "generate", help="generation only: spool the responses, rate them later with `rate`"
+    run = sub.add_parser(
+        "run", help="run the pipeline; records to stdout (or -o)", parents=[common]
     )
-    rate = sub.add_parser("rate", help="rating only: rate what a spool holds; records out")
-    for cmd in (run, generate, rate):
+    generate = sub.add_parser(
+        "generate",
+        help="generation only: spool the responses, rate them later with `rate`",
+        parents=[common],
+    )
+    rate = sub.add_parser(
+        "rate", help="rating only: rate what a spool holds; records out", parents=[common]
+    )
+    validate = sub.add_parser(
+        "validate", help="check the config and print the plan", parents=[common]
+    )
+    for cmd in (run, generate, rate, validate):
         cmd.add_argument("config", help="the TOML config")
+        cmd.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key (repeatable), e.g. --set rater.model=gpt-4o",
+        )
+    for cmd in (run, generate, rate):
         cmd.add_argument(
             "--no-progress",
             dest="progress",
@@ -107,7 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     for cmd in (run, rate):
         cmd.add_argument("-o", "--output", help="write records to PATH (appends; '-' is stdout)")
     for cmd in (run, generate):
-        cmd.add_argument("--limit", type=int, help="take only the first N prompts of the source")
+        cmd.add_argument(
+            "--limit", type=_count, help="take only the first N prompts of the source"
+        )
         cmd.add_argument(
             "--shard",
             type=_shard,
@@ -121,25 +160,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     rate.add_argument("--spool", required=True, help="the spool file to rate")
 
-    validate = sub.add_parser("validate", help="check the config and print the plan")
-    validate.add_argument("config", help="the TOML config")
+    validate.add_argument(
+        "--probe",
+        action="store_true",
+        help="also ask each OpenAI-compatible endpoint for its models (GET /models)",
+    )
 
-    bench = sub.add_parser("bench", help="throughput benchmark on simulated engines")
-    bench.add_argument("--config", help="a config to take the pool from (its engines become sim)")
-    bench.add_argument("--prompts", type=int, default=2000, help="prompts to stream")
-    bench.add_argument("--models", type=int, default=6, help="pool size without --config")
-    bench.add_argument("--sim-ttft", type=float, default=0.0)
-    bench.add_argument("--sim-tpot", type=float, default=0.0)
-    bench.add_argument("--sim-slots", type=int, default=256)
-    bench.add_argument("--sim-output-tokens", type=int, default=64)
-    bench.add_argument("--batch-size", type=int, default=2)
+    bench = sub.add_parser(
+        "bench", help="throughput benchmark on simulated engines", parents=[common]
+    )
     from ._bench import configure_parser as configure_bench
 
     configure_bench(bench)
 
     for name in _TOOLS:
         module = importlib.import_module(f"streamfeedback._tools.{name}")
-        tool = sub.add_parser(name, help=module.HELP, description=module.__doc__)
+        tool = sub.add_parser(
+            name, help=module.HELP, description=module.__doc__, parents=[common]
+        )
         module.configure_parser(tool)
         tool.set_defaults(tool_main=module.main)
     return parser
@@ -158,6 +196,48 @@ class _StderrFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return f"{self.prefix}streamfeedback: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _verbosity(parser: argparse.ArgumentParser, prefix: str) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        dest=f"{prefix}verbose",
+        action="count",
+        default=0,
+        help="more on stderr: -v each request and retry, -vv connections too",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        dest=f"{prefix}quiet",
+        action="count",
+        default=0,
+        help="less on stderr: -q warnings and errors only, -qq errors only",
+    )
+
+
+def _count(text: str) -> int:
+    """Parse `--limit N`: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more")
+    return value
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush at exit does not
+    report the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -183,87 +263,34 @@ def _setup_logging(level: int) -> None:
             level, logging.DEBUG if level > 0 else logging.ERROR
         )
     )
+    # -v: every HTTP request with its status (httpx logs one line each); -vv: connections.
+    # Neither logs headers, so no key reaches stderr.
+    libraries = (("httpx", 1), ("httpx2", 1), ("httpcore", 2), ("httpcore2", 2))
+    for name, needed in libraries:
+        lib = logging.getLogger(name)
+        lib.handlers[:] = [handler] if level >= needed else []
+        lib.propagate = False
+        lib.setLevel(logging.DEBUG if level >= needed else logging.WARNING)
 
 
-def _validate(path: str) -> int:
-    config = load_config(path)
+async def _validate(args: argparse.Namespace) -> int:
+    """Print the plan, then make every check `run` makes before its first request."""
+    from ._validate import check_source, plan, probe
+
+    path = args.config
+    config = load_config(path, args.overrides)
     sys.stdout.write(plan(config, path))
+    sys.stdout.flush()
     try:
         check_environment(config, path)
-    except ConfigError as exc:
-        log.warning("%s (the run would stop here)", exc)
+        log.info("%s", await check_source(config))
+        if args.probe:
+            for line in await probe(config, path):
+                log.info("%s", line)
+    except (ConfigError, SourceError) as exc:
+        log.error("%s (the run would stop here)", exc)
         return EXIT_USAGE
     return EXIT_OK
-
-
-def _location(engine: EngineConfig) -> str:
-    """Where an engine runs, for the plan."""
-    if engine.backend == "vllm":
-        return f"GPU {','.join(map(str, engine.gpu_ids))}"
-    if engine.backend == "openai":
-        return engine.base_url or "OpenAI API"
-    return "simulated"
-
-
-def plan(config: Config, path: str) -> str:
-    """A human-readable summary of what a config would do."""
-    src = config.source
-    lines = [f"config: {path}"]
-    what = f"file {src.path}" if src.path else f"dataset {src.dataset} (split {src.split})"
-    id_from = f"column {src.id_column!r}" if src.id_column else "hash of the text"
-    lines.append(f"source: {what}; instruction from column {src.column!r}; id from {id_from}")
-    r = config.routing
-    lines.append(
-        f"routing: {r.n} of {len(config.generators)} models per batch of {r.batch_size} "
-        f"prompt(s), seed {r.seed}"
-    )
-    lines.append("generators:")
-    for g in config.generators:
-        where = _location(g)
-        lines.append(
-            f"  - {g.label}: {g.backend} {g.model} on {where}; max_tokens {g.max_tokens}, "
-            f"temperature {g.temperature}, up to {g.concurrency} in flight"
-        )
-    j = config.rater
-    limits = ", ".join(
-        f"{v:g} {k}"
-        for k, v in (("requests/min", j.requests_per_minute), ("tokens/min", j.tokens_per_minute))
-        if v is not None
-    )
-    where = _location(j)
-    lines.append(
-        f"judge: {j.backend} {j.model} on {where}; aspects {', '.join(j.aspect_list)}; "
-        f"max_tokens {j.max_tokens}, temperature {j.temperature}; "
-        f"up to {j.concurrency} at once{'; ' + limits if limits else ''}"
-        f"{'; responses shuffled' if j.shuffle else ''}; up to {j.max_attempts} attempts"
-    )
-    if j.mode == "batch":
-        lines.append(
-            f"judge mode: OpenAI Batch API, up to {j.batch_max_requests} requests per batch, "
-            f"polled every {j.batch_poll_interval:g}s"
-        )
-    if config.principles.sets:
-        lines.append(
-            f"principles: {', '.join(config.principles.sets)} (seed {config.principles.seed})"
-        )
-    if config.cluster.backend == "ray":
-        replicas = sum(g.replicas for g in config.generators)
-        lines.append(
-            f"cluster: Ray at {config.cluster.address or 'a local cluster'}; "
-            f"{replicas} generator actors"
-        )
-    r2 = config.routing
-    lines.append(
-        f"on a failed generation: {r2.on_generation_failure}; failing models cool down "
-        f"for {r2.cooldown:g}s"
-    )
-    out = config.output
-    spool = config.spool.path or (f"{out.path}.spool.ndjson" if out.path != "-" else "none")
-    lines.append(
-        f"output: {'stdout' if out.path == '-' else out.path}; failures: {out.failures}; "
-        f"spool: {spool}"
-    )
-    return "\n".join(lines) + "\n"
 
 
 def _run_blocking(args: argparse.Namespace) -> int:
@@ -309,7 +336,7 @@ def _prepare(args: argparse.Namespace, config: Config) -> tuple[str, str, str | 
 
 
 async def _run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(args.config, args.overrides)
     check_environment(config, args.config)
     out, failures_path, spool, skip = _prepare(args, config)
     mode: Mode = (
@@ -322,6 +349,7 @@ async def _run(args: argparse.Namespace) -> int:
     pipeline: Pipeline | None = None
     exit_code = EXIT_OK
     written = 0
+    quiet_end = False
 
     def count_written(n: int) -> None:
         nonlocal written
@@ -372,8 +400,16 @@ async def _run(args: argparse.Namespace) -> int:
                     ):
                         records = pipeline.run(source)
                         if args.progress:
-                            limit = getattr(args, "limit", None)
-                            total = None if limit is None else limit - len(skip)
+                            total = Total()
+                            if mode != "rate":
+                                tg.start_soon(
+                                    partial(
+                                        total.count,
+                                        config.source,
+                                        limit=getattr(args, "limit", None),
+                                        shard=getattr(args, "shard", None),
+                                    )
+                                )
                             tg.start_soon(
                                 partial(
                                     show_progress,
@@ -390,15 +426,29 @@ async def _run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         exit_code = EXIT_USAGE if isinstance(exc, JudgeUnavailable) else EXIT_FAILURES
     except SinkError as exc:
-        log.error("%s", exc)
-        exit_code = EXIT_FAILURES
+        if out == "-" and exc.reader_gone:
+            # `run ... | head -1`: the reader took what it wanted; a rerun makes the rest
+            _silence_stdout()
+            log.debug("%s", exc)
+            quiet_end = True
+        else:
+            log.error("%s", exc)
+            exit_code = EXIT_FAILURES
     except StreamFeedbackError as exc:
         if isinstance(exc, (ConfigError, SourceError)):
             raise
         log.error("%s", exc)
         exit_code = EXIT_FAILURES
     if pipeline is not None:
-        _summary(pipeline, config, out, failures_path, time.monotonic() - started, written)
+        _summary(
+            pipeline,
+            config,
+            out,
+            failures_path,
+            time.monotonic() - started,
+            written,
+            level=logging.DEBUG if quiet_end else logging.INFO,
+        )
         stats = pipeline.statistics()
         if exit_code == EXIT_OK and stats.failures:
             exit_code = EXIT_FAILURES
@@ -410,7 +460,14 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def _summary(
-    pipeline: Pipeline, config: Config, out: str, failures: str, wall: float, written: int
+    pipeline: Pipeline,
+    config: Config,
+    out: str,
+    failures: str,
+    wall: float,
+    written: int,
+    *,
+    level: int = logging.INFO,
 ) -> None:
     """The end-of-run summary on stderr: done, skipped, failed, tokens, judge use and cost.
 
@@ -451,4 +508,4 @@ def _summary(
             f"judge: {s.judge_requests} requests ({s.judge_reasks} re-asks), "
             f"{s.null_ratings} null ratings{judge}"
         )
-    log.info("%s", "; ".join(parts))
+    log.log(level, "%s", "; ".join(parts))

@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import msgspec
 
+from ._confighelp import apply_overrides, explain_enum, explain_unknown
 from ._exceptions import ConfigError
 
 __all__ = [
@@ -131,6 +133,11 @@ class EngineConfig(_Section, frozen=True, kw_only=True):
             raise ValueError("set `gpu` or `gpus`, not both")
         if self.sim_slots < 1:
             raise ValueError("`sim_slots` must be at least 1")
+        if self.base_url is not None and not self.base_url.strip():
+            raise ValueError(
+                "`base_url` is empty: give the server's URL, or remove the key for the "
+                "OpenAI API (or OPENAI_BASE_URL)"
+            )
 
     @property
     def gpu_ids(self) -> list[int]:
@@ -147,6 +154,9 @@ class EngineConfig(_Section, frozen=True, kw_only=True):
         if self.backend == "vllm":
             return max(1, int(self.max_num_seqs * 1.1))
         return 256
+
+
+_E = TypeVar("_E", bound=EngineConfig)
 
 
 class GeneratorConfig(EngineConfig, frozen=True, kw_only=True):
@@ -269,8 +279,11 @@ class Config(_Section, frozen=True, kw_only=True):
     pipeline: PipelineConfig = PipelineConfig()
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
     """Read, decode and check a TOML config; relative paths become relative to its folder.
+
+    `overrides` are `KEY=VALUE` strings (the CLI's `--set`), applied before the checks so
+    they are checked like the file.
 
     :raises ConfigError: naming the file and, where it applies, the key.
     """
@@ -280,13 +293,20 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except OSError as exc:
         raise ConfigError(str(file), None, f"cannot read config: {exc.strerror or exc}") from exc
     try:
-        config = msgspec.toml.decode(data, type=Config)
+        raw = msgspec.toml.decode(data)
+        raw = apply_overrides(raw, list(overrides), Config)
+        config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         key, message = _split_validation_error(str(exc))
+        if key and any(_overridden(key, item) for item in overrides):
+            message += " (from --set)"
         raise ConfigError(str(file), key, message) from exc
     except msgspec.DecodeError as exc:
         raise ConfigError(str(file), None, f"invalid TOML: {exc}") from exc
+    except ValueError as exc:
+        raise ConfigError(str(file), None, str(exc)) from exc
     config = _resolve_paths(config, file.parent)
+    config = _openai_defaults(config)
     check_config(config, str(file))
     return config
 
@@ -361,11 +381,18 @@ def _check_guided(config: Config, origin: str) -> None:
 
 
 def check_environment(config: Config, origin: str = "<config>") -> None:
-    """Check that every API-key variable the config names is set, that vllm is installed
-    where a local engine needs it, and that a guided judge can be guided.
+    """Check that every API-key variable the config names is set, that the extras the
+    config needs are installed, and that a guided judge can be guided, before any work starts.
 
-    :raises ConfigError: naming the key and the variable (never its value).
+    :raises ConfigError: naming the key and the variable (never its value), or the extra
+        with its `pip install` line.
     """
+    if config.cluster.backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError(
+            origin,
+            "cluster.backend",
+            "Ray is not installed: pip install 'streamfeedback[ray]'",
+        )
     rater = config.rater
     if rater.guided and rater.backend == "openai":
         url = rater.base_url or os.environ.get("OPENAI_BASE_URL") or ""
@@ -416,6 +443,7 @@ def api_key_env(engine: EngineConfig) -> str | None:
 
 _PATH_SUFFIX = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`$")
+_BAD_ENUM = re.compile(r"^Invalid enum value (?P<value>.*)$", re.S)
 _MISSING_FIELD = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
 
 
@@ -427,14 +455,49 @@ def _split_validation_error(text: str) -> tuple[str | None, str]:
     unknown = _UNKNOWN_FIELD.match(message)
     if unknown:
         field = unknown["field"]
+        message = explain_unknown(Config, path, field)
         path = f"{path}.{field}" if path else field
-        message = f"unknown key {field!r}"
+    enum = _BAD_ENUM.match(message)
+    if enum:
+        message = explain_enum(Config, path, enum["value"]) or message
     missing = _MISSING_FIELD.match(message)
     if missing:
         field = missing["field"]
         path = f"{path}.{field}" if path else field
         message = "required key is missing"
     return (path or None), message
+
+
+def _openai_defaults(config: Config) -> Config:
+    """`OPENAI_BASE_URL` where an OpenAI-compatible section gives no `base_url`, as the
+    OpenAI SDK does (its key then comes from OPENAI_API_KEY when set, see `api_key`)."""
+    url = os.environ.get("OPENAI_BASE_URL", "").strip()
+    if not url:
+        return config
+
+    def fill(engine: _E) -> _E:
+        if engine.backend != "openai" or engine.base_url is not None:
+            return engine
+        return msgspec.structs.replace(engine, base_url=url)
+
+    return msgspec.structs.replace(
+        config, generators=[fill(g) for g in config.generators], rater=fill(config.rater)
+    )
+
+
+def api_key(engine: EngineConfig) -> str | None:
+    """The key to send: from `api_key_env` (None when that is unset), else OPENAI_API_KEY
+    when set (the SDK's default), else a placeholder local servers accept."""
+    var = api_key_env(engine)
+    if var is not None:
+        return os.environ.get(var) or None
+    return os.environ.get("OPENAI_API_KEY") or "EMPTY"
+
+
+def _overridden(key: str, override: str) -> bool:
+    """Whether the error at `key` is about what `--set KEY=VALUE` set."""
+    name = re.sub(r"\.(\d+)", r"[\1]", override.partition("=")[0].strip())
+    return key == name or key.startswith((name + ".", name + "[")) or name.startswith(key + ".")
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:

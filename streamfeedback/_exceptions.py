@@ -7,12 +7,17 @@
     │   ├── EngineTimeout            the engine did not answer in time (retryable)
     │   ├── EngineBusy               rate limited / overloaded (retryable)
     │   ├── EngineRequestError       the request itself is bad (too long, refused): not retryable
-    │   └── EngineUnavailable        the engine is gone or cannot start: fatal for the run
+    │   └── EngineUnavailable        gone or cannot start: not retryable (what stops the run: below)
     ├── JudgeError                   the judge could not rate a prompt
     │   └── JudgeUnavailable         the judge is unusable (bad key, missing model): fatal
     └── SinkError                    the output cannot be written (stdout closed, disk full)
 
 Per-prompt failures (EngineError, JudgeError) become failure records; the rest stop the run.
+`EngineUnavailable` stops the run only where no other model can stand in: an engine that cannot
+start stops it before the first prompt, and the judge's becomes `JudgeUnavailable`. A generator
+that becomes unavailable mid-run fails like any other request: its prompts go to substitutes
+(`[routing] on_generation_failure = "reroute"`) or to the failures file, and it leaves routing
+for `[routing] cooldown` seconds; the run goes on with the other models.
 """
 
 from __future__ import annotations
@@ -97,7 +102,8 @@ class EngineRequestError(EngineError):
 
 
 class EngineUnavailable(EngineError):
-    """The engine is gone or could not start: the run cannot go on with it."""
+    """The engine is gone or could not start: asking it again will not help. Fatal at start
+    and for the judge; a generator's prompts go to other models (see the module docstring)."""
 
 
 class JudgeError(StreamFeedbackError):
@@ -109,4 +115,12 @@ class JudgeUnavailable(JudgeError):
 
 
 class SinkError(StreamFeedbackError):
-    """Records cannot be written (stdout closed, disk full)."""
+    """Records cannot be written (stdout closed, disk full).
+
+    `reader_gone` is true when the reader of a pipe went away (`| head -1`): normal in a
+    pipeline, so the CLI stops quietly then.
+    """
+
+    def __init__(self, message: str, *, reader_gone: bool = False) -> None:
+        super().__init__(message)
+        self.reader_gone = reader_gone

@@ -26,7 +26,8 @@ from anyio.abc import TaskGroup
 
 from ._channels import Receiver, Sender, open_channel
 from ._config import Config, check_config, check_environment
-from ._exceptions import EngineUnavailable, SourceError, StreamFeedbackError
+from ._exceptions import EngineUnavailable, SourceError
+from ._groups import unwrap_group
 from ._idset import IdSet
 from ._judge.judge import Judge
 from ._pool import Pool
@@ -617,29 +618,3 @@ async def _close_quietly(engine: Engine) -> None:
         await engine.aclose()
     except Exception as exc:  # a failing close must not hide the run's own outcome
         log.warning("closing %s failed: %s", engine.name, exc)
-
-
-_KNOCK_ON = (anyio.BrokenResourceError, anyio.ClosedResourceError)
-
-
-def unwrap_group(exc: BaseException) -> BaseException:
-    """The one meaningful error of a task-group failure, so callers can catch it plainly.
-
-    Several workers hitting one fatal error (a dead judge) report it once, and a stage whose
-    neighbour died meanwhile (a broken channel) is a consequence, not a cause. Anything else
-    (two different errors, a bug) keeps the whole group.
-    """
-    cancelled = anyio.get_cancelled_exc_class()
-    leaves: list[BaseException] = [e for e in _leaves(exc) if not isinstance(e, cancelled)]
-    if len(leaves) == 1:
-        return leaves[0]
-    ours = [e for e in leaves if isinstance(e, StreamFeedbackError)]
-    if ours and all(isinstance(e, (StreamFeedbackError, *_KNOCK_ON)) for e in leaves):
-        return ours[0]
-    return exc
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]

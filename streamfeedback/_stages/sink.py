@@ -85,7 +85,7 @@ class NdjsonWriter:
             await self._file.write(bytes(buf))
             await self._file.flush()
         except (BrokenPipeError, ConnectionResetError) as exc:
-            raise SinkError(f"{self._name}: the reader went away") from exc
+            raise SinkError(f"{self._name}: the reader went away", reader_gone=True) from exc
         except OSError as exc:
             raise SinkError(f"{self._name}: cannot write: {exc.strerror}") from exc
         self.lines += len(items)

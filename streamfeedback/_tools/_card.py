@@ -10,9 +10,11 @@ It never holds secrets: only the names from the config, never environment values
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import shlex
 import sys
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,7 +37,8 @@ _decoder = msgspec.json.Decoder(Record)
 
 
 def iter_records(path: str) -> Iterator[tuple[int, Record]]:
-    """(line number, record) for every non-blank line of an NDJSON output; "-" is stdin.
+    """(line number, record) for every non-blank line of an NDJSON output (`.gz` too); "-"
+    is stdin.
 
     :raises SourceError: naming the file and line of the first line that is not a record.
     """
@@ -43,11 +46,14 @@ def iter_records(path: str) -> Iterator[tuple[int, Record]]:
         yield from _iter_lines("<stdin>", sys.stdin.buffer)
         return
     try:
-        fh = open(path, "rb")
+        fh: Any = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
     except OSError as exc:
         raise SourceError(path, None, f"cannot read: {exc.strerror or exc}") from exc
     with fh:
-        yield from _iter_lines(path, fh)
+        try:
+            yield from _iter_lines(path, fh)
+        except (OSError, EOFError, zlib.error) as exc:  # not gzip, or cut short
+            raise SourceError(path, None, f"cannot read: {exc}") from exc
 
 
 def _iter_lines(name: str, fh: Any) -> Iterator[tuple[int, Record]]:

@@ -28,6 +28,8 @@ __all__ = [
 
 Z95 = 1.96
 """The normal quantile of the 95% confidence interval of a mean."""
+SCALE = (1, 5)
+"""UltraFeedback's rating scale: plots and confidence intervals stay within it."""
 
 
 @dataclass
@@ -56,12 +58,15 @@ class Moments:
 
     @property
     def ci95(self) -> tuple[float, float] | None:
-        """mean +/- 1.96 * sd / sqrt(n), the normal approximation; None below two values."""
+        """mean +/- 1.96 * sd / sqrt(n), the normal approximation, clipped to the rating
+        scale (a mean of ratings cannot leave it; few ratings would say it could); None
+        below two values."""
         mean, sd = self.mean, self.sd
         if mean is None or sd is None:
             return None
         half = Z95 * sd / math.sqrt(self.n)
-        return mean - half, mean + half
+        low, high = min(SCALE[0], mean), max(SCALE[1], mean)
+        return max(low, mean - half), min(high, mean + half)
 
 
 @dataclass

@@ -3,7 +3,9 @@ or into Argilla records for human review.
 
 Targets of `--to`:
   DIR                 `datasets` save_to_disk folder, with the card as DIR/README.md
-  FILE.parquet        one parquet file, with the card beside it as FILE.README.md
+  FILE.parquet        one file in the format its extension names (.parquet, .jsonl, .json:
+  FILE.jsonl|.json    an array, .csv: lists and tables as JSON text), with the card beside
+  FILE.csv            it as FILE.README.md
   user/name           push to the Hugging Face Hub (`--private`), card as the repo's README.md
                       (`hub:user/name` forces the Hub when a local folder `user` exists)
   argilla:NAME        push to an Argilla server for review (extra `streamfeedback[argilla]`;
@@ -11,18 +13,21 @@ Targets of `--to`:
   FILE.jsonl          with `--format argilla`: Argilla-ready records, one per line, and the
                       dataset settings (fields, questions, metadata) in FILE.settings.json
 
-The dataset is built with `datasets.Dataset.from_generator` over the file, decoding one line
+The input may be gzipped (`.gz`) or stdin (`-`, kept in a temporary file while the export
+works). The dataset is built with `datasets.Dataset.from_generator` over the file, decoding one line
 at a time into a temporary cache, so memory stays bounded however large the output.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib
 import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -49,17 +54,18 @@ HELP = "export a run's output: datasets folder, parquet, Hub (with a card) or Ar
 
 log = logging.getLogger("streamfeedback")
 
-EXIT_OK, EXIT_USAGE = 0, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_FILE_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json", ".csv": "csv"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("input", help="the run's NDJSON output")
+    parser.add_argument("input", help="the run's NDJSON output (.gz too; '-' for stdin)")
     parser.add_argument(
         "--to",
         required=True,
-        help="DIR | FILE.parquet | user/name (Hub) | argilla:NAME | FILE.jsonl (--format argilla)",
+        help="DIR | FILE.parquet|.jsonl|.json|.csv | user/name (Hub) | argilla:NAME",
     )
     parser.add_argument(
         "--format",
@@ -84,6 +90,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.input != "-":
+        return _export(args)
+    # stdin can be read once; Argilla reads twice, and the card names a file
+    with tempfile.TemporaryDirectory(prefix="streamfeedback-stdin-", dir=args.cache_dir) as tmp:
+        copy = os.path.join(tmp, "stdin.ndjson")
+        with open(copy, "wb") as fh:
+            shutil.copyfileobj(sys.stdin.buffer, fh)
+        return _export(argparse.Namespace(**{**vars(args), "input": copy}))
+
+
+def _export(args: argparse.Namespace) -> int:
     target: str = args.to
     config = None
     if args.config:
@@ -114,9 +131,13 @@ def main(args: argparse.Namespace) -> int:
             pretty_name=args.pretty_name,
         )
         if hub_id is not None:
-            _push_hub(dataset, hub_id, card, private=args.private, split=args.split)
-        elif target.endswith(".parquet"):
-            dataset.to_parquet(target)
+            try:
+                _push_hub(dataset, hub_id, card, private=args.private, split=args.split)
+            except Exception as exc:  # offline, refused, no token: one line, not a traceback
+                log.error("cannot push to the Hugging Face Hub as %s: %s", hub_id, _reason(exc))
+                return EXIT_FAILED
+        elif _file_format(target) is not None:
+            _write_file(dataset, target, _file_format(target))
             Path(_parquet_card_path(target)).write_text(card, encoding="utf-8")
         else:
             dataset.save_to_disk(target)
@@ -137,15 +158,61 @@ def _hub_id(target: str) -> str | None:
     is not a local folder and the target is no local path."""
     if target.startswith("hub:"):
         return target.removeprefix("hub:")
-    if target.endswith(".parquet") or not _HUB_ID.match(target):
+    if _file_format(target) is not None or not _HUB_ID.match(target):
         return None
     if os.path.exists(target) or os.path.isdir(target.split("/", 1)[0]):
         return None
     return target
 
 
+def _file_format(target: str) -> str | None:
+    """The file format the target's extension names, or None (a folder, or the Hub)."""
+    return _FILE_FORMATS.get(os.path.splitext(target)[1].lower())
+
+
 def _parquet_card_path(target: str) -> str:
-    return target.removesuffix(".parquet") + ".README.md"
+    """The card beside a file target: FILE.README.md."""
+    return os.path.splitext(target)[0] + ".README.md"
+
+
+def _write_file(dataset: Any, target: str, kind: str | None) -> None:
+    """One file: lists and tables stay nested in Parquet and JSON; CSV cells hold them as
+    JSON text, since CSV has no nesting."""
+    parent = os.path.dirname(target)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    if kind == "parquet":
+        dataset.to_parquet(target)
+    elif kind == "jsonl":
+        dataset.to_json(target, lines=True, force_ascii=False)
+    elif kind == "json":
+        dataset.to_json(target, lines=False, orient="records", force_ascii=False)
+    else:
+        names = list(dataset.column_names)
+        with open(target, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(names)
+            for batch in dataset.iter(batch_size=1024):
+                for i in range(len(batch[names[0]])):
+                    writer.writerow([_cell(batch[name][i]) for name in names])
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as one short line: its first line, and the cause's where that says more."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    more = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
+    if more and more not in text and len(text) < 40:
+        text += f" ({more})"
+    return text[:300]
 
 
 def _may_write(target: str, overwrite: bool) -> bool:
@@ -156,8 +223,6 @@ def _may_write(target: str, overwrite: bool) -> bool:
         return True
     if overwrite:
         if path.is_dir():
-            import shutil
-
             shutil.rmtree(path)
         return True
     log.error("%s exists: pass --overwrite to replace it, or choose another target", target)

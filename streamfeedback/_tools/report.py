@@ -19,13 +19,13 @@ import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import msgspec
 
 from .._judge.aspects import ASPECTS
 from .._records import Record
-from ._stats import Accumulator, Moments, Summary
+from ._stats import SCALE, Accumulator, Moments, Summary
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -290,7 +290,8 @@ def _leaderboard(s: Summary) -> _Table:
         )
     t.notes = [
         "mean: mean of the non-null ratings; 95% CI: mean +/- 1.96*sd/sqrt(n), normal "
-        "approximation, sd the sample sd, n = rated responses.",
+        "approximation, sd the sample sd, n = rated responses, kept within the 1-5 scale "
+        "(an interval cut at the scale's end means few ratings).",
         "top-rated: share of the rated responses that got the highest rating of their prompt "
         "(ties count for all tied). win rate: (wins + 0.5*ties) / shared prompts, against all "
         "other models, over prompts where both have a rating.",
@@ -416,8 +417,11 @@ def _agreement(s: Summary) -> _Table:
 
 
 def render_text(summary: Summary) -> str:
-    """The plain-text report: aligned tables, one after the other."""
-    return "\n".join(t.text() for t in _tables(summary))
+    """The plain-text report: aligned tables, one after the other (a simulated run says so
+    first)."""
+    banner = _simulated_banner(summary)
+    tables = "\n".join(t.text() for t in _tables(summary))
+    return f"{banner}\n\n{tables}" if banner else tables
 
 
 # Plots
@@ -455,14 +459,25 @@ def _plot_leaderboard(s: Summary) -> Figure | None:
         return None
     fig = _figure(8, 1.2 + 0.45 * len(rows))
     ax = fig.add_subplot()
-    means = [r.mean or 0.0 for r in rows]
-    errors = [(r.mean or 0.0) - r.ci95[0] if r.ci95 else 0.0 for r in rows]
-    ax.barh([r.model for r in rows], means, xerr=errors, capsize=4, color="#4c72b0")
-    for y, (m, err) in enumerate(zip(means, errors, strict=True)):
-        ax.text(m + err + 0.05, y, f"{m:.2f}", va="center", fontsize=8)
-    ax.set_xlabel("mean rating (error bars: 95% CI, normal approximation)")
-    ax.set_xlim(0, max(5.0, max(m + e for m, e in zip(means, errors, strict=True)) + 0.5))
-    ax.set_title(f"Leaderboard ({s.aspect or 'ratings'})")
+    low, high = _scale(s)
+    means = [r.mean or low for r in rows]
+    errors = _error_bars(means, [r.ci95 for r in rows])
+    ax.barh(
+        [r.model for r in rows],
+        [m - low for m in means],
+        left=low,
+        xerr=errors,
+        capsize=4,
+        color="#4c72b0",
+    )
+    for y, m in enumerate(means):
+        inside = m - low > 0.6  # on the bar in white where it is long enough, else beside it
+        x, colour = (low + 0.05, "white") if inside else (m + 0.05, "black")
+        ax.text(x, y, f"{m:.2f}", va="center", fontsize=8, color=colour)
+    ax.set_xlabel("mean rating (error bars: 95% CI, normal approximation within the scale)")
+    ax.set_xlim(low, high)
+    ax.set_xticks(range(low, high + 1))
+    ax.set_title(f"Leaderboard ({s.aspect or 'ratings'}){_sim_note(s)}")
     return fig
 
 
@@ -474,7 +489,7 @@ def _plot_histograms(s: Summary) -> Figure | None:
     columns = min(3, len(rows))
     lines = -(-len(rows) // columns)
     fig = _figure(3.2 * columns, 2.4 * lines + 0.4)
-    fig.suptitle(f"Rating distribution per model ({s.aspect or 'ratings'})")
+    fig.suptitle(f"Rating distribution per model ({s.aspect or 'ratings'}){_sim_note(s)}")
     labels = [*map(str, keys), "null"]
     for i, row in enumerate(rows):
         ax = fig.add_subplot(lines, columns, i + 1)
@@ -490,6 +505,36 @@ def _plot_histograms(s: Summary) -> Figure | None:
     return fig
 
 
+def _scale(s: Summary) -> tuple[int, int]:
+    """The rating axis: UltraFeedback's 1-5, widened only for values that occurred."""
+    keys = _ratings_keys(s)
+    return min(SCALE[0], keys[0]), max(SCALE[1], keys[-1])
+
+
+def _error_bars(
+    means: list[float], cis: Sequence[tuple[float, float] | None]
+) -> list[list[float]]:
+    """Asymmetric error bars (below, above) from intervals that may be clipped."""
+    below = [m - ci[0] if ci else 0.0 for m, ci in zip(means, cis, strict=True)]
+    above = [ci[1] - m if ci else 0.0 for m, ci in zip(means, cis, strict=True)]
+    return [below, above]
+
+
+def _sim_note(s: Summary) -> str:
+    return " - SIMULATED engines" if s.simulated else ""
+
+
+def _cell_text_colour(image: Any, value: float) -> str:
+    """Black on light cells, white on dark ones: by the cell colour's relative luminance."""
+    red, green, blue, _ = image.cmap(image.norm(value))
+
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    luminance = 0.2126 * linear(red) + 0.7152 * linear(green) + 0.0722 * linear(blue)
+    return "black" if luminance > 0.179 else "white"
+
+
 def _plot_win_rate(s: Summary) -> Figure | None:
     names = [r.model for r in s.models]
     if len(names) < 2:
@@ -497,12 +542,13 @@ def _plot_win_rate(s: Summary) -> Figure | None:
     import numpy as np
 
     grid = np.full((len(names), len(names)), np.nan)
+    shared = np.zeros((len(names), len(names)), dtype=int)
     for i, a in enumerate(names):
         for j, b in enumerate(names):
             wr = s.win_rate(a, b)
             if wr is not None:
-                grid[i, j] = wr[0]
-    size = 2.5 + 0.7 * len(names)
+                grid[i, j], shared[i, j] = wr
+    size = 2.5 + 0.8 * len(names)
     fig = _figure(size + 1.5, size)
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="RdBu", vmin=0, vmax=1)
@@ -511,8 +557,16 @@ def _plot_win_rate(s: Summary) -> Figure | None:
     for i in range(len(names)):
         for j in range(len(names)):
             if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
-    ax.set_title("Win rate, row against column")
+                ax.text(
+                    j,
+                    i,
+                    f"{grid[i, j]:.2f}\nn={shared[i, j]}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color=_cell_text_colour(image, grid[i, j]),
+                )
+    ax.set_title(f"Win rate, row against column (n = shared prompts){_sim_note(s)}")
     fig.colorbar(image, ax=ax, shrink=0.8)
     return fig
 
@@ -523,9 +577,19 @@ def _plot_positions(s: Summary) -> Figure | None:
         return None
     fig = _figure(6, 3.5)
     ax = fig.add_subplot()
-    means = [p.ratings.mean or 0.0 for p in rows]
-    errors = [(p.ratings.mean or 0.0) - p.ratings.ci95[0] if p.ratings.ci95 else 0.0 for p in rows]
-    ax.bar([f"text {p.position}" for p in rows], means, yerr=errors, capsize=4, color="#55a868")
+    low, high = _scale(s)
+    means = [p.ratings.mean or low for p in rows]
+    errors = _error_bars(means, [p.ratings.ci95 for p in rows])
+    ax.bar(
+        [f"text {p.position}" for p in rows],
+        [m - low for m in means],
+        bottom=low,
+        yerr=errors,
+        capsize=4,
+        color="#55a868",
+    )
+    ax.set_ylim(low, high)
+    ax.set_yticks(range(low, high + 1))
     ax.set_ylabel("mean rating (95% CI)")
     ax.set_title(f"Position bias ({s.shuffled} shuffled records)")
     return fig
@@ -551,7 +615,13 @@ def _plot_agreement(s: Summary) -> Figure | None:
         for j in range(len(names)):
             if not np.isnan(grid[i, j]):
                 ax.text(
-                    j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8, color="white"
+                    j,
+                    i,
+                    f"{grid[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color=_cell_text_colour(image, grid[i, j]),
                 )
     ax.set_title("Aspect agreement (Pearson r)")
     fig.colorbar(image, ax=ax, shrink=0.8)
@@ -569,7 +639,24 @@ th,td{padding:.3em .7em;border-bottom:1px solid #ddd}th{background:#f3f3f3;text-
 td.r{text-align:right;font-variant-numeric:tabular-nums}td.l{text-align:left}
 p.note{color:#555;font-size:.85em;margin:.2em 0}
 figure{margin:1em 0}img{max-width:100%;height:auto;border:1px solid #eee}
+p.banner{background:#ffd23f;color:#222;border:2px solid #b58900;padding:.7em 1em;
+font-weight:600}
 """
+
+
+def _simulated_banner(summary: Summary) -> str:
+    """What a run on simulated engines must say first: its ratings are not real."""
+    if not summary.simulated:
+        return ""
+    share = (
+        "every record"
+        if summary.simulated == summary.records
+        else f"{summary.simulated} of {summary.records} records"
+    )
+    return (
+        f"Simulated run: {share} came from simulated engines (backend = \"sim\"); the "
+        "responses and ratings are made up, for trying the pipeline, not for comparing models."
+    )
 
 
 def render_html(summary: Summary, plots: dict[str, bytes], source: str) -> str:
@@ -583,6 +670,9 @@ def render_html(summary: Summary, plots: dict[str, bytes], source: str) -> str:
         f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{e(title)}</h1>",
     ]
+    banner = _simulated_banner(summary)
+    if banner:
+        parts.append(f'<p class=banner id=simulated role=alert>{e(banner)}</p>')
     if not plots:
         parts.append(f"<p class=note>No plots: matplotlib is not installed ({e(_EXTRA_HINT)}).</p>")
     for table in _tables(summary):

@@ -22,7 +22,6 @@ import email.utils
 import importlib
 import logging
 import math
-import os
 import random
 import re
 import time
@@ -33,7 +32,7 @@ import anyio
 import msgspec
 import openai
 
-from .._config import EngineConfig, api_key_env
+from .._config import EngineConfig
 from .._exceptions import (
     EngineBusy,
     EngineError,
@@ -43,14 +42,23 @@ from .._exceptions import (
 )
 from .._ratelimit import RateLimiter
 from .._records import ChatRequest, Completion
+from ._openai_errors import (
+    DEFAULT_BASE_URL,
+    DETAIL_CHARS,
+    MissingKey,
+    cause,
+    error_detail,
+    read_key,
+    scrub,
+    status_kind,
+    unreachable_reason,
+)
 
 __all__ = ["OpenAIEngine", "OpenAIEngineStatistics", "chat_body"]
 
 logger = logging.getLogger("streamfeedback.openai")
 
-_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _MAX_RETRY_AFTER = 120.0
-_DETAIL_CHARS = 300
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?)(ms|h|m|s)")
 
 
@@ -143,7 +151,7 @@ class OpenAIEngine:
     ) -> None:
         self.name = name
         self.config = config
-        self.base_url = (config.base_url or _DEFAULT_BASE_URL).rstrip("/")
+        self.base_url = (config.base_url or DEFAULT_BASE_URL).rstrip("/")
         self.limiter = limiter or RateLimiter(
             max_concurrency=config.concurrency,
             requests_per_minute=config.requests_per_minute,
@@ -173,14 +181,10 @@ class OpenAIEngine:
             raise EngineUnavailable(self.name, "engine is closed")
         if self._client is not None:
             return
-        var = api_key_env(self.config)
-        key = os.environ.get(var, "") if var else "EMPTY"
-        if not key:
-            raise EngineUnavailable(
-                self.name,
-                f"environment variable {var} is not set (it should hold the API key "
-                f"for {self.base_url})",
-            )
+        try:
+            key = read_key(self.config, self.base_url)
+        except MissingKey as exc:
+            raise EngineUnavailable(self.name, str(exc)) from None
         self._api_key = key
         # Keep a connection per request in flight: with the SDK's default of 100 kept alive,
         # a busier engine closes and reopens connections all the time (measured: ~45% of
@@ -295,13 +299,13 @@ class OpenAIEngine:
                 raw = await client.post("/chat/completions", cast_to=_HttpResponse, body=body)
             except openai.APIStatusError as exc:
                 self._observe_headers(exc.response.headers)
-                raise self._status_error(exc, attempt) from _cause(exc)
+                raise self._status_error(exc, attempt) from cause(exc)
             except openai.APITimeoutError as exc:
                 raise EngineTimeout(
                     self.name, f"no answer from {self.base_url} within {self.config.timeout:g}s"
                 ) from exc
             except openai.APIConnectionError as exc:
-                reason = type(exc.__cause__).__name__ if exc.__cause__ else "connection error"
+                reason = unreachable_reason(exc)
                 raise EngineBusy(self.name, f"cannot reach {self.base_url} ({reason})") from exc
             except openai.OpenAIError as exc:
                 raise EngineError(
@@ -334,7 +338,7 @@ class OpenAIEngine:
             refusal = message.refusal if message is not None else None
             if isinstance(refusal, str) and refusal:
                 raise EngineRequestError(
-                    self.name, f"the model refused: {self._scrub(refusal)[:_DETAIL_CHARS]}"
+                    self.name, f"the model refused: {self._scrub(refusal)[:DETAIL_CHARS]}"
                 )
             raise EngineError(
                 self.name, f"malformed response from {self.base_url}: no message content"
@@ -350,16 +354,17 @@ class OpenAIEngine:
 
     def _status_error(self, exc: openai.APIStatusError, attempt: int) -> EngineError:
         status = exc.status_code
+        kind = status_kind(status)
         where = f"{self.base_url} answered {status} for model {self.config.model!r}"
-        if status in (401, 403):
+        if kind == "auth":
             return EngineUnavailable(self.name, f"{where}: check the API key", status=status)
-        detail = self._detail(exc)
-        if status == 404:
+        detail = error_detail(exc.body, self._api_key)
+        if kind == "not_found":
             return EngineUnavailable(
                 self.name, f"{where}: check base_url and model{detail}", status=status
             )
         retry_after = _retry_after(exc.response.headers)
-        if status == 429:
+        if kind == "rate_limited":
             self._rate_limited += 1
             self.limiter.on_rate_limited()
             pause = retry_after if retry_after is not None else self._backoff_delay(attempt, None)
@@ -370,25 +375,14 @@ class OpenAIEngine:
             return EngineBusy(
                 self.name, f"{where} (rate limited){detail}", status=status, retry_after=retry_after
             )
-        if status == 408:
+        if kind == "timeout":
             return EngineTimeout(self.name, f"{where}{detail}", status=status)
-        if status >= 500 or status == 409:
+        if kind == "busy":
             return EngineBusy(self.name, f"{where}{detail}", status=status, retry_after=retry_after)
         return EngineRequestError(self.name, f"{where}{detail}", status=status)
 
-    def _detail(self, exc: openai.APIStatusError) -> str:
-        """The server's own explanation (say, the context length), scrubbed and shortened."""
-        body = exc.body
-        text: object = body.get("message") if isinstance(body, Mapping) else body
-        if not isinstance(text, str) or not text.strip():
-            return ""
-        return ": " + self._scrub(text.strip())[:_DETAIL_CHARS]
-
     def _scrub(self, text: str) -> str:
-        key = self._api_key
-        if len(key) >= 6 and key != "EMPTY":
-            text = text.replace(key, "[api key]")
-        return text
+        return scrub(text, self._api_key)
 
     def _backoff_delay(self, attempt: int, err: EngineError | None) -> float:
         """Exponential backoff with jitter, or the server's `retry-after` where it gave one."""
@@ -421,11 +415,6 @@ class OpenAIEngine:
 
 def _retryable(err: EngineError) -> bool:
     return not isinstance(err, (EngineRequestError, EngineUnavailable))
-
-
-def _cause(exc: openai.APIStatusError) -> BaseException | None:
-    """Auth failures drop the SDK error from the chain: servers often quote the key there."""
-    return None if exc.status_code in (401, 403) else exc
 
 
 def _number(value: str | None) -> float | None:

@@ -26,9 +26,10 @@ Restarts: a dead replica is replaced by a new actor (placed wherever Ray finds i
 lost node's replicas come back on the nodes left, capacity permitting), up to `[cluster]
 restarts` times per replica, with a growing pause between tries; it takes requests again once
 its engine has started. Ray's own `max_restarts` stays 0: a restarted actor must also start
-its inner engine, which only our start call does. The restarts run in one asyncio Task per
-engine that owns a task group (`start` and `aclose` may run in different tasks, as for the
-vLLM engine's reader); `aclose` cancels and awaits it before killing the actors.
+its inner engine, which only our start call does. The restarts run in a task group the engine
+owns (`_tasks.TaskHost`, as `start` and `aclose` may run in different tasks); `aclose` cancels
+and awaits it before killing the actors. If the supervisor crashes (a bug), that is logged at
+once and every later call raises `EngineUnavailable` naming the crash.
 
 Connection: the first RayEngine to start calls `ray.init` (in a thread, so Ray neither blocks
 the event loop nor takes over SIGTERM from the pipeline) unless the process is already
@@ -40,7 +41,6 @@ stdout carries records only.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import logging
@@ -62,6 +62,7 @@ from .._exceptions import (
     EngineUnavailable,
 )
 from .._records import ChatRequest, Completion
+from ._tasks import TaskHost
 
 __all__ = ["RayEngine", "RayStatistics", "ReplicaStatistics"]
 
@@ -364,7 +365,7 @@ class RayEngine:
         self._options: dict[str, Any] = {}
         self._config_bytes = b""
         self._restarts: Sender[_Replica] | None = None
-        self._supervisor: asyncio.Task[None] | None = None
+        self._supervisor = TaskHost(f"{name}: restart supervisor")
 
     # -- public -------------------------------------------------------------------------
 
@@ -474,7 +475,8 @@ class RayEngine:
             raise failures[0]
         if self.cluster.restarts > 0 and not self._closed:
             self._restarts, inbox = open_channel[_Replica](len(self._replicas))
-            self._supervisor = asyncio.get_running_loop().create_task(self._supervise(inbox))
+            await self._supervisor.open()
+            self._supervisor.start_soon(self._supervise, inbox, name=f"supervise-{self.name}")
 
     def _new_actor(self) -> Any:
         return _actor_class.options(**self._options).remote(self.name, self._config_bytes)
@@ -540,14 +542,7 @@ class RayEngine:
         restarts, self._restarts = self._restarts, None
         if restarts is not None:
             restarts.close()
-        supervisor, self._supervisor = self._supervisor, None
-        if supervisor is not None:
-            supervisor.cancel()
-            await asyncio.wait({supervisor})
-            if not supervisor.cancelled() and supervisor.exception() is not None:
-                log.error(
-                    "%s: the restart supervisor failed: %r", self.name, supervisor.exception()
-                )
+        await self._supervisor.aclose()
 
     async def _start_replica(
         self, replica: _Replica, failures: list[EngineUnavailable], scope: anyio.CancelScope
@@ -729,6 +724,9 @@ class RayEngine:
         self._check_open()
         if not self._started:
             raise self._unavailable("the engine is not started")
+        crash = self._supervisor.failure
+        if crash is not None:
+            raise self._unavailable(f"its restart supervisor failed: {crash!r}") from crash
 
     def _why_none(self) -> str:
         reasons = "; ".join(f"replica {r.index}: {r.dead}" for r in self._replicas if r.dead)

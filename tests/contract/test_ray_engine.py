@@ -5,6 +5,7 @@ One cluster per module: starting Ray costs seconds, a replica (an actor process)
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -408,7 +409,31 @@ async def test_restarts_stop_at_the_configured_count_and_at_close(
         assert not stats.alive and stats.restarts == 2, "no third restart"
     finally:
         await engine.aclose()
-    assert engine._supervisor is None
+    assert not [t for t in asyncio.all_tasks() if "restart supervisor" in t.get_name()]
+
+
+async def test_a_crashed_restart_supervisor_is_heard_at_once(
+    cluster: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the supervisor is logged as it happens and makes the engine unavailable, so
+    the pipeline stops routing to it, instead of restarts silently stopping until aclose."""
+    caplog.set_level(logging.ERROR, "streamfeedback")
+
+    async def crash(self: RayEngine, replica: Any) -> None:
+        raise RuntimeError("a bug in the supervisor")
+
+    monkeypatch.setattr(RayEngine, "_restart", crash)
+    engine = RayEngine("brittle", _config(replicas=2), RESTARTING)
+    await engine.start()
+    try:
+        ray.kill(engine._replicas[0].actor)
+        with pytest.raises(EngineUnavailable, match="restart supervisor failed: RuntimeError"):
+            for i in range(200):  # replica 1 serves until the crash is heard
+                await engine.generate(_request(i))
+                await anyio.sleep(0.02)
+        assert "a background task failed: RuntimeError('a bug in the supervisor')" in caplog.text
+    finally:
+        await engine.aclose()
 
 
 async def test_a_restart_that_cannot_create_an_actor_gives_up_cleanly(

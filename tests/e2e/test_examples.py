@@ -53,8 +53,26 @@ def test_every_example_config_validates(config: Path, tmp_path: Path) -> None:
         for engine in [*load_config(config).generators, load_config(config).rater]
         if engine.backend == "openai" and (var := api_key_env(engine)) is not None
     }
+    source = load_config(config).source
+    overrides = []
+    if source.dataset is not None:
+        # a Hub dataset cannot be opened offline (validate says so, exit 2, as run would):
+        # a local stand-in with the same split and columns checks the rest of the config
+        import datasets
+
+        columns = [source.column, *([source.id_column] if source.id_column else [])]
+        local = datasets.Dataset.from_dict({c: ["Say hello."] for c in columns})
+        datasets.DatasetDict({source.split: local}).save_to_disk(str(tmp_path / "ds"))
+        overrides = ["--set", f"source.dataset={tmp_path / 'ds'}"]
     result = run(
-        sys.executable, "-m", "streamfeedback", "validate", str(config), cwd=tmp_path, env=keys
+        sys.executable,
+        "-m",
+        "streamfeedback",
+        "validate",
+        str(config),
+        *overrides,
+        cwd=tmp_path,
+        env=keys,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"config: {config}")
@@ -91,22 +109,37 @@ def test_multi_aspect_runs_with_the_paper_settings_and_rates_four_aspects(tmp_pa
 
 
 def test_embed_async_runs_inside_an_app_loop(tmp_path: Path) -> None:
-    result = run(sys.executable, str(EXAMPLES / "embed_async.py"), "--limit", "10", cwd=tmp_path)
+    python = ROOT / ".venv" / "bin" / "python"  # as its header says, from the README's setup
+    python = python if python.exists() else Path(sys.executable)
+    result = run(str(python), str(EXAMPLES / "embed_async.py"), "--limit", "10", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "10 records, 0 failures" in result.stdout
     assert "heartbeat ticked" in result.stdout and "mean rating per model:" in result.stdout
 
 
-@pytest.mark.skipif(
-    shutil.which("jq") is None or shutil.which("bash") is None, reason="needs jq and bash"
-)
-def test_jq_pipeline_prints_mean_ratings_and_pair_counts(tmp_path: Path) -> None:
-    result = run(
-        "bash",
-        str(EXAMPLES / "jq_pipeline.sh"),
-        cwd=tmp_path,
-        env={"STREAMFEEDBACK": f"{sys.executable} -m streamfeedback"},
-    )
+def _without_streamfeedback_on_path() -> str:
+    """PATH as a shell without an activated venv has it: no `streamfeedback` on it."""
+    venv_bin = str(Path(sys.executable).parent)
+    keep = [
+        d
+        for d in os.environ.get("PATH", os.defpath).split(os.pathsep)
+        if d and d != venv_bin and not (Path(d) / "streamfeedback").exists()
+    ]
+    return os.pathsep.join(keep)
+
+
+@pytest.mark.parametrize("how", ["STREAMFEEDBACK", "readme-setup"])
+def test_jq_pipeline_prints_mean_ratings_and_pair_counts(tmp_path: Path, how: str) -> None:
+    """Run as the README leaves a user: no activated venv (or with STREAMFEEDBACK set)."""
+    assert shutil.which("jq") and shutil.which("bash"), "needs jq and bash (.ci/run installs jq)"
+    env = {"PATH": _without_streamfeedback_on_path(), "STREAMFEEDBACK": ""}
+    if how == "STREAMFEEDBACK":
+        env["STREAMFEEDBACK"] = f"{sys.executable} -m streamfeedback"
+    result = run("bash", str(EXAMPLES / "jq_pipeline.sh"), cwd=tmp_path, env=env)
+    if how == "readme-setup" and not (ROOT / ".venv" / "bin" / "streamfeedback").exists():
+        assert result.returncode == 127
+        assert "streamfeedback not found: run the README's setup" in result.stderr
+        return
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split("\t") == ["model", "responses", "rated", "mean_rating"]
@@ -116,3 +149,13 @@ def test_jq_pipeline_prints_mean_ratings_and_pair_counts(tmp_path: Path) -> None
     assert all(1.0 <= float(row[3]) <= 5.0 for row in table)
     pairs, ok = lines[-1].removeprefix("DPO pairs: ").split(", chosen scored above rejected in ")
     assert int(pairs) == int(ok) > 0
+
+
+def test_the_license_file_matches_pyproject_and_the_readme_output_is_ignored() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'license = "Apache-2.0"' in pyproject
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text, "the full text, not a pointer to it"
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "quickstart.ndjson" in ignored, "the README's own output stays out of git"

@@ -7,6 +7,7 @@ driver would connect to theirs; its records must equal those of a local run of t
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -104,4 +105,6 @@ def test_an_unreachable_address_stops_the_run_quickly_naming_it(tmp_path: Path) 
     )
     assert result.returncode == 1, result.stderr.decode()
     assert result.stdout == b""
-    assert b"org/m0" in result.stderr and b"nothing answers at 127.0.0.1:1" in result.stderr
+    # the engines start together, so the first to fail (and be named) may be any of them
+    assert re.search(rb"org/m\d", result.stderr), result.stderr.decode()
+    assert b"nothing answers at 127.0.0.1:1" in result.stderr

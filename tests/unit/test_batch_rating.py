@@ -25,6 +25,7 @@ from streamfeedback import (
     Record,
 )
 from streamfeedback._channels import open_channel
+from streamfeedback._groups import unwrap_group
 from streamfeedback._judge.judge import Judge, custom_id, merge_blocks, split_custom_id
 from streamfeedback._judge.parser import BlockRating
 from streamfeedback._stages import batch_rating
@@ -142,9 +143,7 @@ async def _rate(
                     max_pending=max_pending,
                 )
         except BaseExceptionGroup as group:
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
+            raise unwrap_group(group) from None
     return records, failures
 
 
@@ -387,6 +386,28 @@ async def test_errored_requests_are_retried_or_failed(tmp_path: Path) -> None:
     assert KEY not in failure.error
 
 
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_line_refused_for_auth_fails_without_the_servers_text(
+    tmp_path: Path, status: int
+) -> None:
+    """As for a live request: servers quote the key in auth errors, so none of it is kept."""
+
+    answers = judge_handler(untidy=0.0, broken=0.0)
+
+    async def handler(request: Request) -> Reply:
+        if "idea 1:" in request.prompt:
+            return Reply.failure(status, f"key {KEY[:-4]}... is not allowed here")
+        return await answers(request)
+
+    async with OpenAIServer(handler) as server:
+        judge = _judge(_rater(server.base_url))
+        records, failures = await _rate(judge, [_joined(i) for i in range(3)], tmp_path / "s")
+    assert sorted(r.id for r in records) == ["q000", "q002"]
+    (failure,) = failures
+    assert failure.id == "q001" and failure.error.endswith(f"answered {status}")
+    assert "not allowed" not in failure.error
+
+
 @pytest.mark.parametrize("max_attempts", [1, 2])
 async def test_an_expired_batch_is_asked_again_up_to_max_attempts(
     tmp_path: Path, max_attempts: int
@@ -415,19 +436,12 @@ async def test_an_expired_batch_is_asked_again_up_to_max_attempts(
 
 async def test_a_batch_that_fails_validation_stops_the_run(tmp_path: Path) -> None:
     async with OpenAIServer(judge_handler()) as server:
-        config = _rater(server.base_url)
-        judge = _judge(config)
-        original = batch_rating._BatchRater._lines
-
-        def broken_lines(self: Any, joined: Joined, attempt: int, aspects: list[str]) -> bytes:
-            return original(self, joined, attempt, aspects).replace(b'"POST"', b'"GET"')
-
-        batch_rating._BatchRater._lines = broken_lines  # type: ignore[method-assign]
-        try:
-            with pytest.raises(JudgeUnavailable, match="failed.*line 1"):
-                await _rate(judge, [_joined(1)], tmp_path / "s.json")
-        finally:
-            batch_rating._BatchRater._lines = original  # type: ignore[method-assign]
+        judge = _judge(_rater(server.base_url))
+        # the same prompt twice: one custom_id twice in one file, which the API refuses whole
+        with pytest.raises(JudgeUnavailable, match="failed at .*line 2: .*repeated"):
+            await _rate(judge, [_joined(1), _joined(1)], tmp_path / "s.json")
+        statuses = [b.status for b in server.batches.values()]
+    assert statuses == ["failed"]
     assert json.loads((tmp_path / "s.json").read_text())["batches"] == []
 
 

@@ -14,7 +14,9 @@ iteration at a time, so a wrong expectation fails with a timeout instead of bloc
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -106,6 +108,31 @@ async def test_context_managers_close_both_ends(open_: Factory) -> None:
     with pytest.raises(ClosedResourceError):
         rx.receive_nowait()
     assert _stats(rx)["open_send_streams"] == _stats(rx)["open_receive_streams"] == 0
+
+
+def test_an_end_collected_unclosed_warns(open_: Factory) -> None:
+    tx, rx = open_(1)
+    rx.close()
+    with pytest.warns(ResourceWarning, match=r"Unclosed <\w+ at "):
+        del tx
+        gc.collect()
+    tx, rx = open_(1)
+    tx.close()
+    with pytest.warns(ResourceWarning, match=r"Unclosed <\w+ at "):
+        del rx
+        gc.collect()
+
+
+def test_ends_collected_closed_or_cloned_and_closed_do_not_warn(open_: Factory) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        tx, rx = open_(1)
+        clone = tx.clone()
+        with tx, rx, clone:
+            pass
+        del tx, rx, clone
+        gc.collect()
+    assert [str(w.message) for w in caught] == []
 
 
 # --- buffering, order, back-pressure ------------------------------------------------------

@@ -91,5 +91,5 @@ async def test_an_error_inside_the_table_closes_the_outputs_without_reporting() 
             raise RuntimeError("a worker died")
     except RuntimeError:
         pass
-    with anyio.fail_after(5):
+    with anyio.fail_after(5), joined_rx, fail_rx:
         assert [j async for j in joined_rx] == [] and [f async for f in fail_rx] == []

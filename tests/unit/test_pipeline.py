@@ -14,6 +14,7 @@ from streamfeedback import (
     EngineRequestError,
     EngineUnavailable,
     Failure,
+    Message,
     Pipeline,
     Record,
 )
@@ -32,6 +33,13 @@ def _prompts(count: int) -> list[dict[str, str]]:
 async def _collect(pipeline: Pipeline, prompts: object) -> list[Record]:
     with anyio.fail_after(20):
         return [r async for r in pipeline.run(prompts)]  # type: ignore[arg-type]
+
+
+async def _assert_closed(engine: SimEngine) -> None:
+    """A closed engine refuses work: what `aclose` promises, seen from outside."""
+    request = ChatRequest(id="after", messages=[Message("user", "still there?")], max_tokens=4)
+    with pytest.raises(EngineUnavailable, match="closed"):
+        await engine.generate(request)
 
 
 async def test_every_prompt_gets_one_record_from_three_distinct_models(tmp_path: Path) -> None:
@@ -109,7 +117,8 @@ async def test_breaking_out_early_cancels_the_run_and_closes_engines() -> None:
         async with Pipeline(config, engines=engines, judge_engine=judge) as pipeline:
             async for _record in pipeline.run(_prompts(5000)):
                 break
-    assert all(e._closed for e in engines.values()) and judge._closed
+    for engine in [*engines.values(), judge]:
+        await _assert_closed(engine)
 
 
 async def test_cancellation_from_outside_cleans_up() -> None:
@@ -120,7 +129,8 @@ async def test_cancellation_from_outside_cleans_up() -> None:
             async for _ in pipeline.run(_prompts(100)):
                 pass
     assert scope.cancelled_caught
-    assert all(e._closed for e in engines.values())
+    for engine in engines.values():
+        await _assert_closed(engine)
 
 
 async def test_a_slow_consumer_back_pressures_the_source() -> None:

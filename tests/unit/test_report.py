@@ -94,7 +94,9 @@ def test_leaderboard_numbers_match_the_hand_computation() -> None:
     assert c.mean == pytest.approx(3.5)
     assert a.sd == pytest.approx(math.sqrt(13 / 3))
     half = 1.96 * math.sqrt(13 / 3) / math.sqrt(3)
-    assert a.ci95 == pytest.approx((8 / 3 - half, 8 / 3 + half))
+    # the normal interval runs past both ends of the scale here; it is kept within 1-5
+    assert 8 / 3 - half < 1 and 8 / 3 + half > 5
+    assert a.ci95 == pytest.approx((1.0, 5.0))
     assert (a.top_share, b.top_share, c.top_share) == pytest.approx((1 / 3, 2 / 3, 1 / 2))
     assert (a.win_rate, b.win_rate, c.win_rate) == pytest.approx((2 / 5, 3 / 5, 1 / 2))
     assert (a.shared, b.shared, c.shared) == (5, 5, 4)
@@ -219,8 +221,7 @@ def test_text_report_prints_the_leaderboard(
         ["3", "A", "3", "3", "2.67"],
     ]
     a = rows[2]
-    half = 1.96 * math.sqrt(13 / 3) / math.sqrt(3)
-    assert a[5] == f"[{8 / 3 - half:.2f}, {8 / 3 + half:.2f}]"
+    assert a[5] == "[1.00, 5.00]", "the interval is kept within the 1-5 scale"
     assert a[6:10] == ["33.3%", "40.0%", "40.0", "33.3%"]
     assert "1.96*sd/sqrt(n)" in out
     assert "Position bias" in out and "Aspect agreement" not in out
@@ -383,3 +384,57 @@ def test_na_share_is_exact_from_not_applicable() -> None:
     )
     (row,) = stats.summary().aspects
     assert row.not_applicable == 1 and row.nulls == 1 and row.responses == 2
+
+
+def test_a_confidence_interval_stays_on_the_rating_scale_and_is_unchanged_inside_it() -> None:
+    from streamfeedback._tools._stats import Moments
+
+    near_top = Moments()
+    for value in (5, 5, 4):
+        near_top.add(value)
+    assert near_top.ci95 is not None
+    assert near_top.ci95[1] == 5.0 and 3.0 < near_top.ci95[0] < near_top.mean  # type: ignore[operator]
+    many = Moments()
+    for value in [2, 3, 4] * 30:
+        many.add(value)
+    half = 1.96 * (many.sd or 0.0) / math.sqrt(90)
+    assert many.ci95 == pytest.approx((3 - half, 3 + half))
+
+
+def test_plots_keep_the_rating_scale_show_shared_prompts_and_flag_simulated_runs() -> None:
+    pytest.importorskip("matplotlib", reason="the [report] extra is part of [dev]")
+    from streamfeedback._tools.report import (
+        _plot_leaderboard,
+        _plot_positions,
+        _plot_win_rate,
+        render_html,
+        render_text,
+    )
+
+    s = summarise(RECORDS)
+    board = _plot_leaderboard(s)
+    assert board is not None
+    assert board.axes[0].get_xlim() == (1.0, 5.0)
+    wins = _plot_win_rate(s)
+    assert wins is not None
+    labels = [t.get_text() for t in wins.axes[0].texts]
+    assert labels and all("\nn=" in label for label in labels)
+    names = [r.model for r in s.models]
+    expected = [
+        f"{wr[0]:.2f}\nn={wr[1]}"
+        for a in names
+        for b in names
+        if (wr := s.win_rate(a, b)) is not None
+    ]
+    assert labels == expected, "each cell says how many prompts the pair shared"
+    assert "SIMULATED" not in wins.axes[0].get_title()
+    assert "Simulated run" not in render_text(s)
+
+    simulated = summarise([msgspec.structs.replace(r, simulated=True) for r in RECORDS])
+    assert render_text(simulated).startswith("Simulated run: every record came from simulated")
+    assert "id=simulated" in render_html(simulated, {}, "out.ndjson")
+    sim_wins = _plot_win_rate(simulated)
+    assert sim_wins is not None and "SIMULATED" in sim_wins.axes[0].get_title()
+    positions = _plot_positions(simulated)
+    if positions is not None:
+        assert positions.axes[0].get_ylim() == (1.0, 5.0)

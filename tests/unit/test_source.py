@@ -347,17 +347,29 @@ async def test_unloadable_dataset_is_a_source_error(tmp_path: Path) -> None:
 # -- lifetimes ----------------------------------------------------------------------------------
 
 
+def is_open(path: Path) -> bool:
+    """Whether this process holds `path` open, as the OS sees it (Linux: /proc/self/fd)."""
+    target = os.path.realpath(path)
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == target:
+                return True
+        except OSError:  # the fd of the listing itself, gone by now
+            continue
+    return False
+
+
 async def test_early_stop_releases_the_file(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "p.jsonl", [{"instruction": f"p{i}"} for i in range(10_000)])
     source = await open_source(SourceConfig(path=str(path)))
-    stream = source._reader._stream  # type: ignore[union-attr]
     taken = []
     async for item in source:
         taken.append(item)
         if len(taken) == 3:
             break
+    assert is_open(path), "still open mid-read (else the check below shows nothing)"
     await source.aclose()
-    assert stream.closed
+    assert not is_open(path)
     assert [p.instruction for p in prompts(taken)] == ["p0", "p1", "p2"]
     assert [item async for item in source] == []
     await source.aclose()  # idempotent
@@ -365,14 +377,26 @@ async def test_early_stop_releases_the_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["csv", "parquet", "json-array"])
 async def test_early_stop_other_formats(kind: str, tmp_path: Path) -> None:
-    async with await open_source(SourceConfig(path=str(make_file(kind, tmp_path)))) as source:
-        async for _ in source:
+    path = make_file(kind, tmp_path)
+    source = await open_source(SourceConfig(path=str(path), id_column="id"))
+    async with source:
+        taken = []
+        async for item in source:
+            taken.append(item)
             break
+        if kind != "json-array":  # a JSON array is read whole up front
+            assert is_open(path), "still open mid-read (else the check below shows nothing)"
+    assert [(p.id, p.instruction) for p in prompts(taken)] == [("1", TEXTS[0])]
+    assert not is_open(path)
 
 
 async def test_open_without_iterating_then_close(tmp_path: Path) -> None:
-    async with await open_source(SourceConfig(path=str(make_file("jsonl", tmp_path)))):
-        pass
+    path = make_file("jsonl", tmp_path)
+    source = await open_source(SourceConfig(path=str(path)))
+    async with source:
+        assert is_open(path)
+    assert not is_open(path), "closed by the source, not by collecting it"
+    assert [item async for item in source] == []
 
 
 async def test_cancelling_a_blocked_stdin_is_prompt() -> None:
@@ -389,13 +413,14 @@ async def test_cancelling_a_blocked_stdin_is_prompt() -> None:
 
 
 async def test_cancelled_read_closes_the_source(tmp_path: Path) -> None:
-    source = await open_source(SourceConfig(path=str(make_file("jsonl", tmp_path))))
-    stream = source._reader._stream  # type: ignore[union-attr]
+    path = make_file("jsonl", tmp_path)
+    source = await open_source(SourceConfig(path=str(path)))
     with anyio.CancelScope() as scope:
         for _ in ROWS:  # the whole first chunk: the next step reads in a thread
             await source.__anext__()
+        assert is_open(path)
         scope.cancel()
         await source.__anext__()
     assert scope.cancelled_caught
-    assert stream.closed
+    assert not is_open(path)
     assert [item async for item in source] == []

@@ -6,7 +6,7 @@ import anyio
 import msgspec
 import pytest
 
-from streamfeedback import Generation, Joined, Pipeline, Prompt
+from streamfeedback import ChatRequest, EngineUnavailable, Generation, Joined, Pipeline, Prompt
 from streamfeedback._channels import open_channel
 from streamfeedback._idset import IdSet
 from streamfeedback._stages.spool import Spool, SpoolEntry, read_spool, scan_spool
@@ -115,7 +115,9 @@ async def test_generation_finishes_long_before_a_slow_judge_and_frees_the_engine
             count += 1
             if pipeline.generation_done and seen_at is None:
                 seen_at = count
-                assert all(e._closed for e in engines.values()), "engines released at once"
+                for engine in engines.values():  # released at once: a closed engine refuses
+                    with pytest.raises(EngineUnavailable, match="closed"):
+                        await engine.generate(ChatRequest(id="x", messages=[], max_tokens=1))
     assert count == 100
     assert seen_at is not None and seen_at < 30, f"generation done only after {seen_at} ratings"
     assert pipeline.statistics().spooled == 100
