@@ -10,11 +10,11 @@ never wait in vLLM longer than about one generation.
 
 Task ownership: the Engine protocol lets `start` and `aclose` run in different tasks (the
 pipeline starts every engine inside one task group's children), and an anyio task group must
-be exited by the task that entered it. So the reader does not live in a task group spanning
-start..aclose: `start` creates one asyncio Task per engine (the pipeline runs on asyncio only,
-CONTRACT.md), which owns an anyio task group of two children (frame reader, exit watcher);
-`aclose` always cancels and awaits it, and anything it hits becomes the engine's
-EngineUnavailable, delivered to every waiting and later `generate`. Nothing is fire-and-forget.
+be exited by the task that entered it. So the service (frame reader and exit watcher) runs in
+a task group the engine owns (`engines/_tasks.TaskHost`, as Ray's restart supervisor), opened
+once the worker is Ready and closed by `aclose` (or a restart); anything it hits becomes the
+engine's EngineUnavailable, delivered to every waiting and later `generate`. Nothing is
+fire-and-forget.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from anyio.abc import Process
 from .._config import EngineConfig
 from .._exceptions import EngineError, EngineRequestError, EngineTimeout, EngineUnavailable
 from .._records import ChatRequest, Completion
+from ._tasks import TaskHost
 from ._vllm_worker import (
     MAX_FRAME,
     Abort,
@@ -146,7 +147,7 @@ class VLLMEngine:
         self._restarts_used = 0
         self._process: Process | None = None
         self._pid: int | None = None
-        self._service: asyncio.Task[None] | None = None
+        self._host: TaskHost | None = None
         self._ready: Ready | None = None
         self._closed = False
         self._dead: str | None = None
@@ -342,7 +343,9 @@ class VLLMEngine:
         if self._closed:
             raise self._unavailable("the engine was closed while starting")
         self._ready = first
-        self._service = asyncio.get_running_loop().create_task(self._serve(process))
+        host = self._host = TaskHost(f"vllm-{self.name}")
+        await host.open()
+        host.start_soon(self._serve, process, name=f"vllm-{self.name}-service")
         log.info(
             "%s: vLLM engine ready (%s, worker pid %d; log: %s)",
             self.name,
@@ -358,16 +361,14 @@ class VLLMEngine:
         Shielded and bounded, so it completes even while the caller is being cancelled.
         """
         process, self._process = self._process, None
-        service, self._service = self._service, None
+        host, self._host = self._host, None
         with anyio.CancelScope(shield=True):
             if process is not None and not graceful:
                 await _kill_group(process.pid)
             if process is not None:
                 await _stop_process(process, lambda: self._send_to(process, Shutdown()))
-            if service is not None:
-                service.cancel()
-                with contextlib.suppress(BaseException):
-                    await service
+            if host is not None:
+                await host.aclose()
 
     # -- the service task: reads answers, notices the worker's death ---------------------
 
