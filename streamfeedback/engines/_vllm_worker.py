@@ -304,7 +304,7 @@ class _Worker:
 
     def engine_input(self, ids: list[int]) -> Any:
         """The prompt as this vLLM wants it: rendered by the engine's own renderer where it has
-        one (0.1x+, where raw prompts are deprecated), a plain TokensPrompt before that."""
+        one (newer releases deprecate raw prompts), a plain TokensPrompt before that."""
         renderer = getattr(self.engine, "renderer", None)
         tokens_prompt = getattr(self.vllm, "TokensPrompt", dict)
         if renderer is not None and hasattr(renderer, "render_cmpl"):
