@@ -1,15 +1,20 @@
-"""Client CPU per request over HTTP: the OpenAI backend against the SDK's typed `create`.
+"""Client CPU per request over HTTP: the OpenAI backend against the SDK's transports.
 
-    python benchmarks/http_client.py                     # 3000 requests, 64 in flight
+    python benchmarks/http_client.py                     # 3000 requests per path, 64 in flight
     python benchmarks/http_client.py --requests 10000 --concurrency 128
 
 A test server (`python -m streamfeedback.testing.openai_server`, echo answers, no latency)
 runs in its own process; the client runs here. With `taskset`, the server is pinned to one
-core and the client to another, so the client's CPU time is its own. Both paths send the same
-chats in the same run, alternating rounds: `OpenAIEngine.generate` (the raw `client.post`,
-answers decoded by msgspec) and `AsyncOpenAI.chat.completions.create` (parameters validated
-and transformed, the answer built as a pydantic model). Prints CPU milliseconds per request
-for each and their ratio.
+core and the client to another, so the client's CPU time is its own. Every path sends the same
+chats in the same run, alternating rounds:
+
+- `OpenAIEngine.generate`: the backend (aiohttp POST, msgspec body and answer, its limiter,
+  retry loop, header reading and counters);
+- SDK raw `client.post` on its default httpx2 stack (the backend's hot path before), and on
+  its aiohttp transport (`openai[aiohttp]`, `DefaultAioHttpClient`), answers decoded by msgspec;
+- SDK typed `chat.completions.create` (parameters validated, a pydantic model per answer).
+
+Prints CPU milliseconds per request for each.
 """
 
 from __future__ import annotations
@@ -20,14 +25,18 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import anyio
+import httpx2
 import msgspec
 import openai
 
 from streamfeedback import ChatRequest, Message
 from streamfeedback._config import GeneratorConfig
-from streamfeedback.engines._openai import OpenAIEngine
+from streamfeedback.engines._openai import OpenAIEngine, _chat_decoder, chat_body
+
+Send = Callable[[ChatRequest], Awaitable[object]]
 
 
 def _chat(i: int) -> ChatRequest:
@@ -36,13 +45,13 @@ def _chat(i: int) -> ChatRequest:
     )
 
 
-async def _round(send: object, start: int, n: int, concurrency: int) -> float:
+async def _round(send: Send, start: int, n: int, concurrency: int) -> float:
     """CPU seconds to send `n` chats, `concurrency` at a time."""
     limit = anyio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
         async with limit:
-            await send(_chat(i))  # type: ignore[operator]
+            await send(_chat(i))
 
     cpu = time.process_time()
     async with anyio.create_task_group() as tg:
@@ -51,7 +60,7 @@ async def _round(send: object, start: int, n: int, concurrency: int) -> float:
     return time.process_time() - cpu
 
 
-async def measure(url: str, requests: int, concurrency: int, rounds: int) -> tuple[float, float]:
+async def measure(url: str, requests: int, concurrency: int, rounds: int) -> dict[str, float]:
     config = msgspec.convert(
         {
             "backend": "openai",
@@ -64,10 +73,32 @@ async def measure(url: str, requests: int, concurrency: int, rounds: int) -> tup
     )
     engine = OpenAIEngine("bench", config)
     await engine.start()
-    client = openai.AsyncOpenAI(base_url=url, api_key="EMPTY", max_retries=0)
+    limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    clients = {
+        "httpx2": openai.AsyncOpenAI(
+            base_url=url,
+            api_key="EMPTY",
+            max_retries=0,
+            http_client=openai.DefaultAsyncHttpxClient(limits=limits),
+        ),
+        "aiohttp": openai.AsyncOpenAI(
+            base_url=url,
+            api_key="EMPTY",
+            max_retries=0,
+            http_client=openai.DefaultAioHttpClient(limits=limits),
+        ),
+    }
+
+    def raw(client: openai.AsyncOpenAI) -> Send:
+        async def send(request: ChatRequest) -> None:
+            body = chat_body("test-model", request)
+            response = await client.post("/chat/completions", cast_to=httpx2.Response, body=body)
+            _chat_decoder.decode(response.content)
+
+        return send
 
     async def typed(request: ChatRequest) -> None:
-        await client.chat.completions.create(
+        await clients["httpx2"].chat.completions.create(
             model="test-model",
             messages=[{"role": m.role, "content": m.content} for m in request.messages],  # type: ignore[misc]
             max_tokens=request.max_tokens,
@@ -75,16 +106,23 @@ async def measure(url: str, requests: int, concurrency: int, rounds: int) -> tup
             top_p=request.top_p,
         )
 
+    paths: dict[str, Send] = {
+        "OpenAIEngine.generate (aiohttp, msgspec)": engine.generate,
+        "SDK client.post, httpx2 (the backend before)": raw(clients["httpx2"]),
+        "SDK client.post, aiohttp transport": raw(clients["aiohttp"]),
+        "SDK chat.completions.create (typed), httpx2": typed,
+    }
     per_round = requests // rounds
-    ours = sdk = 0.0
-    await _round(engine.generate, 0, concurrency * 2, concurrency)  # warm both pools
-    await _round(typed, 0, concurrency * 2, concurrency)
+    totals = dict.fromkeys(paths, 0.0)
+    for send in paths.values():
+        await _round(send, 0, concurrency * 2, concurrency)  # warm every pool
     for r in range(rounds):
-        ours += await _round(engine.generate, r * per_round, per_round, concurrency)
-        sdk += await _round(typed, r * per_round, per_round, concurrency)
+        for name, send in paths.items():
+            totals[name] += await _round(send, r * per_round, per_round, concurrency)
     await engine.aclose()
-    await client.close()
-    return ours / (per_round * rounds), sdk / (per_round * rounds)
+    for client in clients.values():
+        await client.close()
+    return {name: total / (per_round * rounds) for name, total in totals.items()}
 
 
 def main() -> int:
@@ -105,7 +143,7 @@ def main() -> int:
         url = server.stdout.readline().strip()
         if pin:
             os.sched_setaffinity(0, {0})
-        ours, sdk = anyio.run(
+        results = anyio.run(
             measure,
             url,
             args.requests,
@@ -121,9 +159,9 @@ def main() -> int:
         f"{args.requests} requests per path, {args.concurrency} in flight, "
         + ("client on core 0, server on core 1" if pin else "not pinned")
     )
-    print(f"OpenAIEngine.generate (raw post, msgspec):   {ours * 1e3:6.2f} ms CPU per request")
-    print(f"SDK chat.completions.create (typed):         {sdk * 1e3:6.2f} ms CPU per request")
-    print(f"ratio typed / ours: {sdk / ours:.2f}")
+    ours = results["OpenAIEngine.generate (aiohttp, msgspec)"]
+    for name, cpu in results.items():
+        print(f"{name:46s} {cpu * 1e3:6.2f} ms CPU per request  ({cpu / ours:.1f}x)")
     return 0
 
 

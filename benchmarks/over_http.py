@@ -6,7 +6,7 @@ requests at once and holds a slot for `ttft + tokens * tpot`, with the sim engin
 output-length rule (keyed on the prompt text, which is what the server sees); the judge
 (`judge_handler`, untidy answers, none broken) serves `judge-slots` at once, `judge-latency`
 each, behind a strict sliding-window limit of `judge-rpm` (`rate_limited`, 429 beyond it).
-`streamfeedback run` drives it through the `openai` backends (the real SDK, real sockets), so
+`streamfeedback run` drives it through the `openai` backends (aiohttp, real sockets), so
 client overhead, interpreter start included, is in the figures.
 
     python benchmarks/over_http.py                              # 600 prompts, judge at 4800/min

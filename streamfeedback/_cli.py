@@ -8,7 +8,9 @@ input, 130 interrupted before the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import importlib.util
 import logging
 import os
 import signal
@@ -16,6 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -24,11 +27,13 @@ from ._config import Config, check_environment, load_config
 from ._exceptions import (
     ConfigError,
     EngineUnavailable,
+    FileBusy,
     JudgeUnavailable,
     SinkError,
     SourceError,
     StreamFeedbackError,
 )
+from ._files import hold
 from ._idset import IdSet
 from ._pipeline import Mode, Pipeline, unwrap_group
 from ._pricing import judge_cost
@@ -36,6 +41,9 @@ from ._progress import show_progress
 from ._stages.sink import NdjsonWriter, drain, read_done_ids
 from ._stages.source import open_source
 from ._total import Total
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -75,9 +83,12 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return bench_main(args)
         if args.command in _TOOLS:
             return int(args.tool_main(args))
-    except (ConfigError, SourceError) as exc:
+    except (ConfigError, SourceError, FileBusy) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
+    except SinkError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURES
     except KeyboardInterrupt:
         log.error("interrupted")
         return EXIT_INTERRUPTED
@@ -155,6 +166,14 @@ def _parser() -> argparse.ArgumentParser:
             "host, cover the source once and their outputs concatenate",
         )
     run.add_argument("--spool", help="the spool file (default: beside a file output)")
+    for cmd in (run, generate, rate):
+        cmd.add_argument(
+            "--metrics-port",
+            type=int,
+            metavar="PORT",
+            help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics while the run "
+            "works (default: [pipeline] metrics_port)",
+        )
     generate.add_argument(
         "--spool", help="the spool file (default: [spool] path, or beside the output file)"
     )
@@ -263,8 +282,12 @@ def _setup_logging(level: int) -> None:
             level, logging.DEBUG if level > 0 else logging.ERROR
         )
     )
-    # -v: every HTTP request with its status (httpx logs one line each); -vv: connections.
-    # Neither logs headers, so no key reaches stderr.
+    # -v: every HTTP request with its status (the OpenAI backend logs one line each at DEBUG;
+    # the SDK's Batch API client through httpx); -vv: connections. None logs headers, so no
+    # key reaches stderr.
+    logging.getLogger("streamfeedback.connections").setLevel(
+        logging.DEBUG if level >= 2 else logging.WARNING
+    )
     libraries = (("httpx", 1), ("httpx2", 1), ("httpcore", 2), ("httpcore2", 2))
     for name, needed in libraries:
         lib = logging.getLogger(name)
@@ -283,6 +306,7 @@ async def _validate(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     try:
         check_environment(config, path)
+        _metrics_port(config, path, None)
         log.info("%s", await check_source(config))
         if args.probe:
             for line in await probe(config, path):
@@ -293,16 +317,65 @@ async def _validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _metrics_port(config: Config, path: str, flag: int | None) -> tuple[int, str] | None:
+    """The port to serve metrics on and the key that set it, or None for no metrics.
+
+    :raises ConfigError: a port out of range, or `prometheus_client` missing.
+    """
+    if flag is None and config.pipeline.metrics_port is None:
+        return None
+    key = "--metrics-port" if flag is not None else "pipeline.metrics_port"
+    port = flag if flag is not None else config.pipeline.metrics_port
+    assert port is not None
+    if not 1 <= port <= 65535:
+        raise ConfigError(path, key, f"{port} is not a TCP port (1 to 65535)")
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise ConfigError(
+            path,
+            key,
+            "metrics need prometheus_client: pip install 'streamfeedback[metrics]'",
+        )
+    return port, key
+
+
+async def _metrics_server(config_path: str, where: tuple[int, str]) -> MetricsServer:
+    """A started `MetricsServer`, so a port in use stops the run before any work.
+
+    :raises ConfigError: naming the port and why it cannot be bound.
+    """
+    from .metrics import MetricsServer
+
+    port, key = where
+    server = MetricsServer(port)
+    try:
+        await server.start()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(
+            config_path, key, f"cannot serve metrics on 127.0.0.1:{port}: {reason}"
+        ) from None
+    return server
+
+
 def _run_blocking(args: argparse.Namespace) -> int:
     backend_options = {"use_uvloop": True} if sys.platform != "win32" else {}
-    return anyio.run(_run, args, backend="asyncio", backend_options=backend_options)
+    held: list[int] = []
+    try:
+        return anyio.run(_run, args, held, backend="asyncio", backend_options=backend_options)
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
-def _prepare(args: argparse.Namespace, config: Config) -> tuple[str, str, str | None, IdSet]:
+def _prepare(
+    args: argparse.Namespace, config: Config, held: list[int]
+) -> tuple[str, str, str | None, IdSet]:
     """Output, failures and spool paths, and the ids already in the output (a resumed run
-    skips them); repairs a torn last line left by a crash.
+    skips them); locks the output file for the run (its fd goes to `held`), then repairs a
+    torn last line left by a crash.
 
     :raises ConfigError: `generate` with nowhere to spool.
+    :raises FileBusy: another run holds the output.
     """
     out = getattr(args, "output", None) or config.output.path
     if args.command == "generate":
@@ -318,7 +391,9 @@ def _prepare(args: argparse.Namespace, config: Config) -> tuple[str, str, str | 
     if spool is None and args.command == "generate":
         raise ConfigError(args.config, "spool.path", "generate needs a spool: pass --spool FILE")
     skip = IdSet()
-    if out != "-" and args.resume and os.path.exists(out):
+    if out != "-":
+        held.append(hold(out))
+    if out != "-" and args.resume and os.path.getsize(out):
         skip, torn = read_done_ids(out)
         if torn:
             log.warning("%s: cut a torn last line (%d bytes) left by an interrupted run", out, torn)
@@ -335,14 +410,21 @@ def _prepare(args: argparse.Namespace, config: Config) -> tuple[str, str, str | 
     return out, failures_path, spool, skip
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def _run(args: argparse.Namespace, held: list[int]) -> int:
     config = load_config(args.config, args.overrides)
     check_environment(config, args.config)
-    out, failures_path, spool, skip = _prepare(args, config)
+    out, failures_path, spool, skip = _prepare(args, config, held)
     mode: Mode = (
         "generate" if args.command == "generate" else "rate" if args.command == "rate" else "run"
     )
-    source = await open_source(config.source) if mode != "rate" else None
+    metrics_at = _metrics_port(config, args.config, args.metrics_port)
+    metrics = await _metrics_server(args.config, metrics_at) if metrics_at is not None else None
+    try:
+        source = await open_source(config.source) if mode != "rate" else None
+    except BaseException:
+        if metrics is not None:
+            await metrics.aclose()
+        raise
 
     started = time.monotonic()
     interrupted = False
@@ -386,6 +468,7 @@ async def _run(args: argparse.Namespace) -> int:
                 with anyio.CancelScope() as run_scope:
                     tg.start_soon(watch_signals, run_scope)
                     async with (
+                        metrics if metrics is not None else contextlib.nullcontext(),
                         Pipeline(
                             config,
                             skip_ids=skip,
@@ -398,6 +481,8 @@ async def _run(args: argparse.Namespace) -> int:
                         ) as pipeline,
                         NdjsonWriter(out) as writer,
                     ):
+                        if metrics is not None:
+                            metrics.watch(pipeline)
                         records = pipeline.run(source)
                         if args.progress:
                             total = Total()
@@ -425,6 +510,8 @@ async def _run(args: argparse.Namespace) -> int:
     except (EngineUnavailable, JudgeUnavailable) as exc:
         log.error("%s", exc)
         exit_code = EXIT_USAGE if isinstance(exc, JudgeUnavailable) else EXIT_FAILURES
+    except FileBusy:
+        raise
     except SinkError as exc:
         if out == "-" and exc.reader_gone:
             # `run ... | head -1`: the reader took what it wanted; a rerun makes the rest

@@ -96,7 +96,7 @@ class EngineConfig(_Section, frozen=True, kw_only=True):
     max_concurrency: int | None = None
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
-    timeout: float = 600.0
+    timeout: float = 180.0
     max_retries: int = 5
     rate_limit_patience: float = 900.0
     # openai
@@ -259,10 +259,13 @@ class PipelineConfig(_Section, frozen=True, kw_only=True):
 
     buffer: int = 64
     drain_timeout: float = 60.0
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.buffer < 1:
             raise ValueError("`buffer` must be at least 1")
+        if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
+            raise ValueError("`metrics_port` must be a TCP port, 1 to 65535")
 
 
 class Config(_Section, frozen=True, kw_only=True):
@@ -489,9 +492,10 @@ def api_key(engine: EngineConfig) -> str | None:
     """The key to send: from `api_key_env` (None when that is unset), else OPENAI_API_KEY
     when set (the SDK's default), else a placeholder local servers accept."""
     var = api_key_env(engine)
+    # Stripped: a trailing newline from `export KEY=$(cat keyfile)` is no part of the key.
     if var is not None:
-        return os.environ.get(var) or None
-    return os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        return os.environ.get(var, "").strip() or None
+    return os.environ.get("OPENAI_API_KEY", "").strip() or "EMPTY"
 
 
 def _overridden(key: str, override: str) -> bool:

@@ -11,6 +11,7 @@
     ├── JudgeError                   the judge could not rate a prompt
     │   └── JudgeUnavailable         the judge is unusable (bad key, missing model): fatal
     └── SinkError                    the output cannot be written (stdout closed, disk full)
+        └── FileBusy                 another run holds the output or spool file (names its pid)
 
 Per-prompt failures (EngineError, JudgeError) become failure records; the rest stop the run.
 `EngineUnavailable` stops the run only where no other model can stand in: an engine that cannot
@@ -29,6 +30,7 @@ __all__ = [
     "EngineRequestError",
     "EngineTimeout",
     "EngineUnavailable",
+    "FileBusy",
     "JudgeError",
     "JudgeUnavailable",
     "SinkError",
@@ -124,3 +126,14 @@ class SinkError(StreamFeedbackError):
     def __init__(self, message: str, *, reader_gone: bool = False) -> None:
         super().__init__(message)
         self.reader_gone = reader_gone
+
+
+class FileBusy(SinkError):
+    """Another run holds the file (the output or the spool): two runs on one file would do
+    every prompt twice."""
+
+    def __init__(self, path: str, pid: int | None) -> None:
+        self.path = path
+        self.pid = pid
+        who = f"another run (pid {pid})" if pid is not None else "another run"
+        super().__init__(f"{path}: {who} is writing this file; wait for it to end or use another")

@@ -27,14 +27,18 @@ from anyio.abc import TaskGroup
 from ._channels import Receiver, Sender, open_channel
 from ._config import Config, check_config, check_environment
 from ._exceptions import EngineUnavailable, SourceError
+from ._files import hold
+from ._gauges import SECONDS_BUCKETS
 from ._groups import unwrap_group
 from ._idset import IdSet
 from ._judge.judge import Judge
 from ._pool import Pool
+from ._pricing import judge_cost
 from ._records import (
     ChatRequest,
     Completion,
     Failure,
+    Generation,
     GenerationJob,
     Joined,
     Prompt,
@@ -47,7 +51,14 @@ from ._stages.source import SourceProblem, open_source
 from ._stages.spool import Spool, scan_spool
 from .engines import Engine, make_engine
 
-__all__ = ["Mode", "Pipeline", "PipelineStatistics", "RecordStream", "unwrap_group"]
+__all__ = [
+    "Mode",
+    "ModelStatistics",
+    "Pipeline",
+    "PipelineStatistics",
+    "RecordStream",
+    "unwrap_group",
+]
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -58,8 +69,23 @@ PromptInput = Prompt | SourceProblem | str | Mapping[str, Any]
 Mode = Literal["run", "generate", "rate"]
 
 
+class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """One generator's requests. `seconds_buckets[i]` counts answers that took at most
+    `seconds_bounds[i]` seconds (and more than the bound before); the last, longer ones."""
+
+    in_flight: int
+    requests: int
+    failures: int
+    tokens: int
+    seconds_sum: float
+    seconds_bounds: tuple[float, ...] = SECONDS_BUCKETS
+    seconds_buckets: tuple[int, ...] = ()
+
+
 class PipelineStatistics(msgspec.Struct, frozen=True, kw_only=True):
-    """A snapshot of a run: what came in, what went out, what is in flight."""
+    """A snapshot of a run: what came in, what went out, what is in flight.
+
+    The Prometheus endpoint (`streamfeedback.metrics`) serves exactly these figures."""
 
     read: int
     skipped: int
@@ -72,6 +98,14 @@ class PipelineStatistics(msgspec.Struct, frozen=True, kw_only=True):
     judge_requests: int
     judge_reasks: int
     null_ratings: int
+    judge_rate_limited: int = 0
+    judge_prompt_tokens: int = 0
+    judge_completion_tokens: int = 0
+    judge_cost_dollars: float | None = None
+    """None when the judge's price is unknown (see `[rater] input_cost_per_mtok`)."""
+    spool_backlog: int = 0
+    """Spool lines (a response each) the judge's reader has not taken yet."""
+    models: dict[str, ModelStatistics] = {}
 
 
 class RecordStream:
@@ -122,9 +156,11 @@ class Pipeline:
     cancellation. It runs in the caller's event loop. `engines` and `judge_engine` replace
     the engines the config names (tests, embedding with engines you already hold).
 
-    With a spool (`spool_path`, or `[spool] path`), every joined prompt is logged to it before
-    rating, and prompts already in it are rated, not generated again. `mode="generate"` stops
-    after the spool (no judge); `mode="rate"` rates what a spool holds (no generators).
+    With a spool (`spool_path`, or `[spool] path`), every response is logged to it as it
+    arrives and the judge reads joined prompts from it; prompts already in it are rated, not
+    generated again, and those in it in part get only their missing responses.
+    `mode="generate"` stops after the spool (no judge); `mode="rate"` rates what a spool
+    holds (no generators).
     `skip_ids` are prompts already in the output: neither generated nor rated.
     """
 
@@ -183,8 +219,11 @@ class Pipeline:
             skip_ids = table
         self.skip_ids = skip_ids
         self.spooled_ids = IdSet()
+        self.resumed: dict[str, tuple[tuple[str, ...], frozenset[int]]] = {}
         self.batched_ids = IdSet()
         self.spool: Spool | None = None
+        self._spool_entries = 0
+        self._spool_lock: int | None = None
         self.limit = limit
         self.shard = shard
         if shard is not None and not 0 <= shard[0] < shard[1]:
@@ -211,6 +250,13 @@ class Pipeline:
 
     async def __aenter__(self) -> Pipeline:
         check_environment(self.config)
+        try:
+            return await self._enter()
+        except BaseException:
+            self._release_spool()
+            raise
+
+    async def _enter(self) -> Pipeline:
         if self.spool_path is not None:
             await self._open_spool(self.spool_path)
         if self.mode == "run" and self.config.rater.mode == "batch":
@@ -253,22 +299,55 @@ class Pipeline:
             if self._records is not None:
                 self._records_rx.close()
             await self._close_engines()
+            self._release_spool()
+
+    def _release_spool(self) -> None:
+        lock, self._spool_lock = self._spool_lock, None
+        if lock is not None:
+            os.close(lock)
 
     async def _open_spool(self, path: str) -> None:
         if self.mode == "rate" and not await anyio.Path(path).exists():
             raise SourceError(path, None, "no such spool file")
-        spooled, entries, torn = await anyio.to_thread.run_sync(scan_spool, path)
-        if torn:
+        # Held for the whole run: a writer alone, readers (`rate`) together. Only then may a
+        # torn last line be cut: it cannot be another run's line in progress.
+        reading = self.mode == "rate"
+        self._spool_lock = await anyio.to_thread.run_sync(partial(hold, path, shared=reading))
+        scan = await anyio.to_thread.run_sync(partial(scan_spool, path, repair=not reading))
+        if scan.torn:
             log.warning(
-                "%s: cut a torn last line (%d bytes) left by an interrupted run", path, torn
+                "%s: cut a torn last line (%d bytes) left by an interrupted run", path, scan.torn
             )
-        self.spooled_ids = spooled
-        self.spool = Spool(path, cache=self.config.spool.cache, done=self.skip_ids)
-        if entries:
+        self.spooled_ids = scan.complete
+        # A prompt spooled in part keeps its models, unless one has left the pool since: then
+        # it is routed afresh (the old responses stay in the file, unused).
+        self.resumed = {
+            key: known
+            for key, known in scan.partial.items()
+            if all(model in self.engines for model in known[0])
+        }
+        self.spool = Spool(
+            path, cache=self.config.spool.cache, done=self.skip_ids, resumed=self.resumed
+        )
+        self._spool_entries = scan.lines
+        if len(scan.complete):
             log.info(
                 "spool %s holds %d generated prompts; they will not be generated again",
                 path,
-                entries,
+                len(scan.complete),
+            )
+        if scan.partial and reading:
+            log.warning(
+                "spool %s holds %d prompts generated in part; `run` or `generate` completes them",
+                path,
+                len(scan.partial),
+            )
+        elif scan.partial:
+            log.info(
+                "spool %s holds %d prompts generated in part; only their missing responses "
+                "will be asked for",
+                path,
+                len(scan.partial),
             )
 
     def run(
@@ -359,14 +438,21 @@ class Pipeline:
                 batch_size=cfg.routing.batch_size,
                 seed=cfg.routing.seed,
                 available=self.pool.available,
+                resumed=self.resumed,
             ),
             name="routing",
         )
         if self.spool is None:
-            tg.start_soon(self._generate, queues_rx, to_judge, failures.clone(), name="generation")
+            tg.start_soon(
+                partial(self._generate, queues_rx, failures.clone(), joined=to_judge),
+                name="generation",
+            )
             return
-        spool_tx, spool_rx = open_channel[Joined](size)
-        tg.start_soon(self._generate, queues_rx, spool_tx, failures.clone(), name="generation")
+        spool_tx, spool_rx = open_channel[Generation](size)
+        tg.start_soon(
+            partial(self._generate, queues_rx, failures.clone(), spool=spool_tx),
+            name="generation",
+        )
         tg.start_soon(self.spool.write, spool_rx, name="spool-writer")
         if self.mode == "generate":
             to_judge.close()
@@ -376,13 +462,22 @@ class Pipeline:
     async def _generate(
         self,
         queues: Mapping[str, Receiver[GenerationJob]],
-        joined: Sender[Joined],
         failures: Sender[Failure],
+        *,
+        joined: Sender[Joined] | None = None,
+        spool: Sender[Generation] | None = None,
     ) -> None:
-        """Every engine's worker pool, joined by gather; then free the generators at once
-        (rating may go on for a long time)."""
+        """Every engine's worker pool, joined by gather (or each response to the spool);
+        then free the generators at once (rating may go on for a long time)."""
         cfg = self.config
-        async with gather.Gather(joined, failures, on_complete=self.pool.forget) as join:
+        async with gather.Gather(
+            joined,
+            failures,
+            spool=spool,
+            resumed=self.resumed,
+            on_complete=self.pool.forget,
+            on_failed=self.spool.drop if self.spool is not None else None,
+        ) as join:
             async with anyio.create_task_group() as tg:
                 for name, queue in queues.items():
                     gen_config = self._generator_configs[name]
@@ -415,6 +510,11 @@ class Pipeline:
 
     def statistics(self) -> PipelineStatistics:
         judge = self.judge.statistics()
+        usage = getattr(self.judge_engine, "statistics", None)
+        engine = usage() if usage is not None else None
+        prompt_tokens = getattr(engine, "prompt_tokens", 0)
+        completion_tokens = getattr(engine, "completion_tokens", 0)
+        spool = self.spool
         return PipelineStatistics(
             read=self._read,
             skipped=self._skipped,
@@ -427,6 +527,30 @@ class Pipeline:
             judge_requests=judge.requests,
             judge_reasks=judge.reasks,
             null_ratings=judge.null_ratings,
+            judge_rate_limited=getattr(engine, "rate_limited", 0),
+            judge_prompt_tokens=prompt_tokens,
+            judge_completion_tokens=completion_tokens,
+            judge_cost_dollars=judge_cost(self.config.rater, prompt_tokens, completion_tokens),
+            spool_backlog=0
+            if spool is None
+            else max(
+                0,
+                self._spool_entries
+                + spool.lines_written
+                - spool.read_from_file
+                - spool.read_from_memory,
+            ),
+            models={
+                name: ModelStatistics(
+                    in_flight=g.in_flight,
+                    requests=g.done + g.failed,
+                    failures=g.failed,
+                    tokens=g.tokens,
+                    seconds_sum=g.seconds_sum,
+                    seconds_buckets=tuple(g.seconds_buckets),
+                )
+                for name, g in self.gauges.items()
+            },
         )
 
     def _count(self, record: Record) -> None:

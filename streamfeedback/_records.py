@@ -23,6 +23,7 @@ __all__ = [
     "Message",
     "Prompt",
     "Record",
+    "Response",
     "Substitution",
     "stable_id",
 ]
@@ -85,12 +86,10 @@ class GenerationJob(msgspec.Struct, frozen=True, kw_only=True):
     slot: int
 
 
-class Generation(msgspec.Struct, frozen=True, kw_only=True):
-    """One model's response to one prompt."""
+class Response(msgspec.Struct, frozen=True, kw_only=True):
+    """What one model answered, without the prompt: the part of a `Generation` the spool
+    keeps per response (the prompt is spooled once, with its first response)."""
 
-    prompt: Prompt
-    models: tuple[str, ...]
-    slot: int
     model: str
     text: str
     completion_tokens: int = 0
@@ -100,6 +99,14 @@ class Generation(msgspec.Struct, frozen=True, kw_only=True):
     principle: str | None = None
     replaced: str | None = None
     replaced_because: str | None = None
+
+
+class Generation(Response, frozen=True, kw_only=True):
+    """One model's response to one prompt: the `slot`-th of the prompt's routed `models`."""
+
+    prompt: Prompt
+    models: tuple[str, ...]
+    slot: int
 
 
 class GenerationFailure(msgspec.Struct, frozen=True, kw_only=True):

@@ -97,7 +97,7 @@ async def run(
         except BaseException:
             gauge.finished(failed=True)
             raise
-        gauge.finished(tokens=completion.completion_tokens)
+        gauge.finished(tokens=completion.completion_tokens, seconds=completion.latency_s)
         pool.record(model, ok=True)
         return completion, principle
 

@@ -2,26 +2,31 @@
 
 Records waiting in the channel are written together (one encode into a reused buffer, one
 write, one flush), so a fast pipeline is not bound by a syscall per record, and a slow one
-still sees every record on disk as soon as it exists. Writes run in a worker thread
-(aiofiles) and are not abandoned on cancel, so a Ctrl-C never leaves half a line.
+still sees every record on disk as soon as it exists. Writes run in a worker thread and are
+not abandoned on cancel, so a Ctrl-C never leaves half a line; a write that fails (a full
+disk) is rolled back to the last whole line.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any, Protocol
 
-import aiofiles
 import anyio
+import anyio.to_thread
 import msgspec
 
 from .._exceptions import SinkError
+from .._files import append_whole, cut_torn_tail, is_regular
 from .._idset import IdSet
 
 __all__ = ["Batchable", "NdjsonWriter", "drain", "read_done_ids", "scan_ids"]
+
+log = logging.getLogger("streamfeedback.sink")
 
 _encoder = msgspec.json.Encoder()
 
@@ -34,11 +39,17 @@ _id_decoder = msgspec.json.Decoder(_IdOnly)
 
 
 class NdjsonWriter:
-    """Appends msgspec Structs as NDJSON lines to `path` ("-" is stdout)."""
+    """Appends msgspec Structs as NDJSON lines to `path` ("-" is stdout).
+
+    A file's torn last line (a kill mid-write) is cut on opening, and a write that fails half
+    way is rolled back, so every line of the file is whole. Whoever opens a shared file holds
+    its lock (`_files.hold`) first: the cut must not meet another writer's line in progress.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._file: Any = None
+        self._fd: int | None = None
+        self._end: int | None = None
         self._buffer = bytearray()
         self.lines = 0
 
@@ -55,39 +66,59 @@ class NdjsonWriter:
         await self.aclose()
 
     async def open(self) -> None:
-        if self._file is not None:
+        if self._fd is not None:
             return
+        if self.path == "-":
+            self._fd = sys.stdout.fileno()
+            return
+        self._fd, self._end = await anyio.to_thread.run_sync(self._open_file)
+
+    def _open_file(self) -> tuple[int, int | None]:
         try:
-            if self.path == "-":
-                self._file = await aiofiles.open(sys.stdout.fileno(), "ab", closefd=False)
-            else:
-                parent = os.path.dirname(self.path)
-                if parent:
-                    os.makedirs(parent, exist_ok=True)
-                self._file = await aiofiles.open(self.path, "ab")
+            parent = os.path.dirname(self.path)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
+            raise SinkError(f"{self.path}: cannot open for writing: {exc.strerror}") from exc
+        try:
+            if not is_regular(fd):
+                return fd, None
+            torn = cut_torn_tail(fd)
+            if torn:
+                log.warning(
+                    "%s: cut a torn last line (%d bytes) left by an interrupted run",
+                    self.path,
+                    torn,
+                )
+            return fd, os.fstat(fd).st_size
+        except OSError as exc:
+            os.close(fd)
             raise SinkError(f"{self.path}: cannot open for writing: {exc.strerror}") from exc
 
     async def write_many(self, items: list[Any]) -> None:
-        """Write every item as one line, then flush.
+        """Write every item as one line; all of them or, on error, none.
 
         :raises SinkError: the output is gone (closed pipe, full disk).
         """
-        if self._file is None:
+        if self._fd is None:
             await self.open()
+        assert self._fd is not None
         buf = self._buffer
         buf.clear()
         for item in items:
             start = len(buf)
             _encoder.encode_into(item, buf, start)
             buf.extend(b"\n")
+        data = bytes(buf)
         try:
-            await self._file.write(bytes(buf))
-            await self._file.flush()
+            await anyio.to_thread.run_sync(append_whole, self._fd, data, self._end)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise SinkError(f"{self._name}: the reader went away", reader_gone=True) from exc
         except OSError as exc:
             raise SinkError(f"{self._name}: cannot write: {exc.strerror}") from exc
+        if self._end is not None:
+            self._end += len(data)
         self.lines += len(items)
 
     @property
@@ -95,13 +126,9 @@ class NdjsonWriter:
         return "stdout" if self.path == "-" else self.path
 
     async def aclose(self) -> None:
-        if self._file is None:
-            return
-        file, self._file = self._file, None
-        try:
-            await file.close()
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        fd, self._fd = self._fd, None
+        if fd is not None and self.path != "-":
+            os.close(fd)
 
 
 class Batchable(Protocol):

@@ -47,13 +47,18 @@ class MissingKey(Exception):
 def read_key(config: EngineConfig, base_url: str) -> str:
     """The API key for `config` ("EMPTY" for a local server that needs none).
 
-    :raises MissingKey: the key's variable is not set.
+    :raises MissingKey: the key's variable is not set, or holds what no header can carry.
     """
     var = api_key_env(config)
     key = api_key(config)
     if not key:
         raise MissingKey(
             f"environment variable {var} is not set (it should hold the API key for {base_url})"
+        )
+    if not key.isascii() or not key.isprintable() or " " in key:
+        raise MissingKey(
+            f"the API key in {var or 'OPENAI_API_KEY'} has a character an HTTP header cannot "
+            "carry (not ASCII, a space or a control character): check the variable"
         )
     return key
 

@@ -1,5 +1,6 @@
-"""The real `openai` SDK against an OpenAI-compatible server on 127.0.0.1: the contract, the
-error mapping, the retries, and a limiter that never trips a strict server-side limit."""
+"""The OpenAI backend against an OpenAI-compatible server on 127.0.0.1 over real sockets: the
+contract, the error mapping, the retries, and a limiter that never trips a strict server-side
+limit."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.abc
 import msgspec
 import pytest
 
@@ -205,6 +207,31 @@ async def test_missing_key_variable_is_unavailable(monkeypatch: pytest.MonkeyPat
     await engine.aclose()
 
 
+@pytest.mark.parametrize("key", [SECRET + "\n", "\t" + SECRET + "  "])
+async def test_whitespace_around_the_key_is_dropped(
+    monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    monkeypatch.setenv("SF_TEST_KEY", key)
+    async with _engine(echo_handler(), api_key_env="SF_TEST_KEY") as (engine, server):
+        await engine.generate(_request())
+        assert server.requests[-1].headers["authorization"] == f"Bearer {SECRET}"
+
+
+@pytest.mark.parametrize("key", ["sk-caf\u00e9-0123456789", "sk-abc\n0123456789", "sk abc"])
+async def test_a_key_a_header_cannot_carry_is_unavailable_and_never_shown(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, key: str
+) -> None:
+    monkeypatch.setenv("SF_TEST_KEY", key)
+    async with OpenAIServer(echo_handler()) as server:
+        engine = OpenAIEngine("x", _config(server.base_url, api_key_env="SF_TEST_KEY"))
+        with caplog.at_level(logging.DEBUG), pytest.raises(EngineUnavailable) as info:
+            await engine.generate(_request())
+        await engine.aclose()
+        assert not server.requests
+    assert "SF_TEST_KEY has a character an HTTP header cannot carry" in str(info.value)
+    assert key.strip() not in str(info.value) and key.strip() not in caplog.text
+
+
 async def test_400_is_a_request_error_without_retry() -> None:
     reply = Reply.failure(400, "This model's maximum context length is 4096 tokens.")
     async with _engine(lambda _: reply, max_retries=3) as (engine, server):
@@ -245,15 +272,49 @@ async def test_slow_answer_times_out() -> None:
         assert engine.statistics().in_flight == 0
 
 
-async def test_connection_refused_is_busy() -> None:
+async def test_connection_refused_is_unavailable_at_once_naming_the_endpoint() -> None:
     async with OpenAIServer(echo_handler()) as server:
         url = server.base_url
-    engine = OpenAIEngine("x", _config(url, max_retries=1), backoff=0.005)
+    engine = OpenAIEngine("x", _config(url, max_retries=5), backoff=0.5)
     try:
-        with pytest.raises(EngineBusy, match="cannot reach"):
+        with anyio.fail_after(5), pytest.raises(EngineUnavailable) as info:
             await engine.generate(_request())
+        assert f"cannot reach {url} (connection refused)" in str(info.value)
+        stats = engine.statistics()
+        assert (stats.requests, stats.retries, stats.failures) == (1, 0, 1)
     finally:
         await engine.aclose()
+
+
+async def test_an_unknown_host_is_unavailable_at_once() -> None:
+    engine = OpenAIEngine("x", _config("http://no-such-host.invalid/v1", max_retries=5))
+    try:
+        with anyio.fail_after(10), pytest.raises(EngineUnavailable) as info:
+            await engine.generate(_request())
+        assert "cannot resolve host 'no-such-host.invalid'" in str(info.value)
+        assert engine.statistics().requests == 1
+    finally:
+        await engine.aclose()
+
+
+async def test_an_endpoint_that_answered_then_went_away_is_retried_then_busy() -> None:
+    async with OpenAIServer(echo_handler()) as server:
+        engine = OpenAIEngine("x", _config(server.base_url, max_retries=2), backoff=0.005)
+        await engine.generate(_request())
+    try:
+        with anyio.fail_after(5), pytest.raises(EngineBusy, match="connection refused"):
+            await engine.generate(_request(1))
+        assert engine.statistics().requests == 4  # the answer, then 1 + 2 retries
+    finally:
+        await engine.aclose()
+
+
+@pytest.mark.parametrize("url", ["localhost:8000/v1", "http://[::1/v1", "ftp://host/v1"])
+async def test_a_base_url_that_is_no_http_url_is_unavailable_at_start(url: str) -> None:
+    engine = OpenAIEngine("x", _config(url))
+    with pytest.raises(EngineUnavailable, match="not an http"):
+        await engine.start()
+    await engine.aclose()
 
 
 async def test_stricter_provider_limit_is_adopted() -> None:
@@ -295,7 +356,7 @@ async def test_a_burst_never_trips_a_strict_server_limit() -> None:
 
     limiter = RateLimiter(max_concurrency=64, requests_per_minute=rpm, window=window)
     async with _engine(handler, limiter=limiter, max_retries=0) as (engine, server):
-        await engine.generate(_request())  # the SDK's first call is slow (platform sniffing)
+        await engine.generate(_request())  # warm: the first call opens the connection
         armed = True
         with anyio.fail_after(15):
             async with anyio.create_task_group() as tg:
@@ -401,3 +462,44 @@ async def test_odd_usage_or_finish_fields_do_not_throw_a_good_answer_away(extra:
         assert len(server.requests) == 1
     assert completion.text == "kept" and completion.finish_reason is None
     assert (completion.prompt_tokens, completion.completion_tokens) == (0, 0)
+
+
+async def test_without_base_url_the_sdk_variables_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with OpenAIServer(echo_handler()) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+        monkeypatch.setenv("OPENAI_ORG_ID", "org-test")
+        config = msgspec.convert({"backend": "openai", "model": "echo-7b"}, GeneratorConfig)
+        engine = OpenAIEngine("echo-7b", config)
+        try:
+            await engine.generate(_request())
+        finally:
+            await engine.aclose()
+        headers = server.requests[-1].headers
+        assert headers["authorization"] == f"Bearer {SECRET}"
+        assert headers["openai-organization"] == "org-test"
+
+
+async def test_a_connection_dropped_without_an_answer_is_retried_then_busy() -> None:
+    dropped = 0
+
+    async def drop(stream: anyio.abc.SocketStream) -> None:
+        nonlocal dropped
+        async with stream:
+            await stream.receive()  # the request, then close without a word
+            dropped += 1
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, drop)
+        url = f"http://127.0.0.1:{port}/v1"
+        engine = OpenAIEngine("x", _config(url, max_retries=2), backoff=0.005)
+        try:
+            with anyio.fail_after(5), pytest.raises(EngineBusy, match=f"connection to {url} lost"):
+                await engine.generate(_request())
+        finally:
+            await engine.aclose()
+            tg.cancel_scope.cancel()
+    assert dropped == 3
+    assert engine.statistics().in_flight == 0

@@ -52,4 +52,22 @@ def test_over_http_in_process_sees_no_429_and_every_token_planned() -> None:
 @pytest.mark.skipif(sys.platform != "linux", reason="pins cores with sched_setaffinity")
 def test_http_client_benchmark_prints_both_paths() -> None:
     out = _run("http_client.py", "--requests", "120", "--concurrency", "8", "--rounds", "2")
-    assert "OpenAIEngine.generate" in out and "ratio typed / ours:" in out
+    assert "OpenAIEngine.generate" in out and "aiohttp transport" in out
+    assert "ms CPU per request" in out
+
+
+def test_vs_bare_runs_the_cli_and_the_bare_client_on_one_server() -> None:
+    out = _run("vs_bare.py", "--prompts", "16", "--rounds", "1", "--sim-tpot", "0")
+    assert out.count("records=16") == 2 and "ratio cli/bare: wall=" in out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pins cores with sched_setaffinity")
+def test_requests_per_s_prints_both_figures() -> None:
+    out = _run("requests_per_s.py", "--requests", "200", "--prompts", "20")
+    assert "OpenAIEngine.generate: 200 requests" in out
+    assert "streamfeedback run: 20 records x 4 requests" in out
+
+
+def test_kill_resume_benchmark_prints_what_the_rerun_redid() -> None:
+    out = _run("kill_resume.py", "--prompts", "12", "--kill-after", "0.3")
+    assert "redone=" in out and "records 12/12" in out

@@ -104,14 +104,14 @@ async def test_a_judge_answering_401_stops_the_run_and_a_rerun_does_not_regenera
         assert KEY.encode() not in stderr
 
         bad_key = False
-        spooled = Path(f"{out}.spool.ndjson").read_bytes().count(b"\n")
+        spooled = Path(f"{out}.spool.ndjson").read_bytes().count(b"\n")  # a line a response
         assert spooled > 0, "what was generated before the stop is kept"
         generated_before = sum(r.model != JUDGE for r in server.requests)
         code, stderr = await _run(config, out)
         generated_after = sum(r.model != JUDGE for r in server.requests)
     assert code == 0, stderr.decode()
     assert sorted(r.id for r in decode_lines(out.read_bytes())) == [f"q{i:04d}" for i in range(60)]
-    assert generated_after - generated_before == 3 * (60 - spooled), (
+    assert generated_after - generated_before == 3 * 60 - spooled, (
         "the rerun generates only what the spool did not hold"
     )
 
