@@ -445,6 +445,10 @@ async def _run(args: argparse.Namespace, held: list[int]) -> int:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 if interrupted or pipeline is None:
+                    if not interrupted:
+                        log.warning(
+                            "%s while the engines start: stopping them", signal.Signals(signum).name
+                        )
                     if interrupted:
                         second = True
                         log.warning(
@@ -478,6 +482,7 @@ async def _run(args: argparse.Namespace, held: list[int]) -> int:
                             spool_path=spool,
                             mode=mode,
                             shard=getattr(args, "shard", None),
+                            engine_log_dir=None if out == "-" else f"{out}.logs",
                         ) as pipeline,
                         NdjsonWriter(out) as writer,
                     ):

@@ -225,6 +225,8 @@ class RaterConfig(EngineConfig, frozen=True, kw_only=True):
     batch_completion_window: str = "24h"
     input_cost_per_mtok: float | None = None
     output_cost_per_mtok: float | None = None
+    guided: bool = False
+    """Constrain the answer to the aspect's block layout (local judges: vllm, vLLM servers)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -274,7 +276,7 @@ class ClusterConfig(_Section, frozen=True, kw_only=True):
     address: str | None = None
     namespace: str | None = None
     restarts: int = 3
-    """How often a dead Ray replica is replaced by a new actor (each replica its own count)."""
+    """How often a dead Ray replica (or local vLLM worker) is replaced (each its own count)."""
 
     def __post_init__(self) -> None:
         if self.restarts < 0:
@@ -398,11 +400,30 @@ def check_config(config: Config, origin: str = "<config>") -> None:
                     f"GPU {gpu} is already used by {owners[gpu]}: one vllm engine per GPU",
                 )
             owners[gpu] = where
+    _check_guided(config, origin)
+
+
+def _check_guided(config: Config, origin: str) -> None:
+    from ._judge.guide import min_guided_tokens
+
+    rater = config.rater
+    if not rater.guided:
+        return
+    if rater.mode == "batch":
+        raise ConfigError(origin, "rater.guided", "the OpenAI Batch API cannot guide a judge")
+    for aspect in rater.aspect_list:
+        need = min_guided_tokens(aspect, config.routing.n)
+        if rater.max_tokens < need:
+            raise ConfigError(
+                origin,
+                "rater.max_tokens",
+                f"a guided {aspect} answer on {config.routing.n} texts needs at least {need}",
+            )
 
 
 def check_environment(config: Config, origin: str = "<config>") -> None:
-    """Check that every API-key variable the config names is set, and that the extras the
-    config needs are installed, before any work starts.
+    """Check that every API-key variable the config names is set, that the extras the
+    config needs are installed, and that a guided judge can be guided, before any work starts.
 
     :raises ConfigError: naming the key and the variable (never its value), or the extra
         with its `pip install` line.
@@ -413,6 +434,25 @@ def check_environment(config: Config, origin: str = "<config>") -> None:
             "cluster.backend",
             "Ray is not installed: pip install 'streamfeedback[ray]'",
         )
+    rater = config.rater
+    if rater.guided and rater.backend == "openai":
+        url = rater.base_url or os.environ.get("OPENAI_BASE_URL") or ""
+        if not url or "api.openai.com" in url:
+            raise ConfigError(
+                origin,
+                "rater.guided",
+                "the OpenAI API cannot guide a judge: set base_url to a vLLM server "
+                '(it takes structured_outputs), use backend = "vllm", or drop guided',
+            )
+    for where, engine in _engine_sections(config):
+        local = where == "rater" or config.cluster.backend != "ray"
+        if engine.backend == "vllm" and local and importlib.util.find_spec("vllm") is None:
+            raise ConfigError(
+                origin,
+                f"{where}.backend",
+                "vllm is not installed: pip install 'streamfeedback[vllm]' "
+                "(on a CPU-only host, see the README's vLLM on CPU section)",
+            )
     for where, engine in _engine_sections(config):
         if engine.backend != "openai":
             continue

@@ -181,6 +181,7 @@ class Pipeline:
         mode: Mode = "run",
         shard: tuple[int, int] | None = None,
         batch_state_path: str | None = None,
+        engine_log_dir: str | None = None,
     ) -> None:
         check_config(config)
         self.config = config
@@ -192,7 +193,7 @@ class Pipeline:
         self.engines: dict[str, Engine] = {}
         if mode != "rate":
             if engines is None:
-                engines = _generator_engines(config)
+                engines = _generator_engines(config, engine_log_dir)
             missing = set(self._generator_configs) - set(engines)
             if missing:
                 raise ValueError(f"no engine given for generators {sorted(missing)}")
@@ -200,7 +201,11 @@ class Pipeline:
         self.judge_engine: Engine | None = None
         if mode != "generate":
             self.judge_engine = judge_engine or make_engine(
-                config.rater.model, config.rater, role="judge"
+                config.rater.model,
+                config.rater,
+                role="judge",
+                log_dir=engine_log_dir,
+                restarts=config.cluster.restarts,
             )
         simulated = config.rater.backend == "sim" or any(
             g.backend == "sim" for g in config.generators
@@ -725,13 +730,18 @@ def _waiting(stream: Receiver[Failure]) -> list[Failure]:
             return items
 
 
-def _generator_engines(config: Config) -> dict[str, Engine]:
-    """The pool's engines: local workers, or Ray actors when `[cluster] backend = "ray"`."""
+def _generator_engines(config: Config, log_dir: str | None = None) -> dict[str, Engine]:
+    """The pool's engines: local workers, or Ray actors when `[cluster] backend = "ray"`.
+    A dead local vLLM worker is replaced up to `[cluster] restarts` times, like a replica."""
     if config.cluster.backend == "ray":
         from .engines._ray import RayEngine
 
         return {g.label: RayEngine(g.label, g, config.cluster) for g in config.generators}
-    return {g.label: make_engine(g.label, g) for g in config.generators}
+    restarts = config.cluster.restarts
+    return {
+        g.label: make_engine(g.label, g, log_dir=log_dir, restarts=restarts)
+        for g in config.generators
+    }
 
 
 async def _normalize(

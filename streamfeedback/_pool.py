@@ -8,7 +8,9 @@ of its recent requests (its server is gone, say) cools down: routing leaves it o
 A model that has never answered and whose first requests all failed the same way (nothing
 listens at its address, every request gets the same 4xx or 5xx, or a wrong key, URL or model)
 is a dead end, not a bad patch: it leaves the run for good. Once fewer than `need` models are
-left, no record can get its responses, and the generation workers stop the run.
+left, no record can get its responses, and the generation workers stop the run. An engine
+that says it is `gone` (a vLLM worker past its restarts) leaves the run the same way; one that
+answered before and then fails (a worker being restarted) only cools down.
 """
 
 from __future__ import annotations
@@ -116,7 +118,13 @@ class Pool:
         if exc.status == 429:
             return  # busy, not dead: rate limits slow the run down instead
         signature = exc.kind
-        if isinstance(exc, EngineUnavailable):
+        if getattr(self.engines[name], "gone", False):
+            self._retire(name, f"its engine is gone for good (last: {exc})")
+        elif isinstance(exc, EngineUnavailable) and (
+            not health.answered or exc.status in (401, 403, 404)
+        ):
+            # refused its key, URL or model, or unreachable from the start: a dead end; one
+            # that answered and then went away (a worker restarting) cools down instead
             self._retire(name, f"{exc}")
         elif not health.answered:
             health.same = health.same + 1 if signature == health.signature else 1
@@ -150,9 +158,12 @@ class Pool:
         return [name for name in self.names if self._health[name].gone is None]
 
     def cooling(self, name: str) -> bool:
-        """Out of routing for now: cooling down, or gone for good."""
+        """Out of routing for now: cooling down, or gone for good (left the run, or an engine
+        that says it is gone: a vLLM worker past its restarts)."""
         health = self._health[name]
-        return health.gone is not None or self._clock() < health.until
+        if health.gone is not None or getattr(self.engines[name], "gone", False):
+            return True
+        return self._clock() < health.until
 
     def cooling_reason(self, name: str) -> str:
         """Why `name` is out of routing, for the record of a prompt sent elsewhere instead."""
@@ -160,6 +171,8 @@ class Pool:
         if health.gone is not None:
             return f"left the run ({health.gone})"
         last = health.last_error
+        if getattr(self.engines[name], "gone", False):
+            return f"out of routing for good: its engine is gone (last: {last})"
         return f"cooling down after failing most recent requests (last: {last})"
 
     def cooldowns(self) -> dict[str, int]:

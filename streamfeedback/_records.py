@@ -64,6 +64,8 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    guide: str | None = None
+    """A regex the whole answer must match (a guided judge); engines that cannot guide fail."""
 
 
 class Completion(msgspec.Struct, frozen=True, kw_only=True):

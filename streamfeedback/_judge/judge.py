@@ -23,6 +23,7 @@ from .._exceptions import EngineError, EngineUnavailable, JudgeError, JudgeUnava
 from .._records import AspectResult, ChatRequest, Completion, Joined, Record, Substitution
 from ..engines import Engine
 from .aspects import ASPECTS, build_messages
+from .guide import answer_regex
 from .parser import BlockRating, parse_answer
 
 __all__ = [
@@ -257,6 +258,7 @@ class Judge:
             temperature=self.config.temperature,
             top_p=self.config.top_p,
             seed=self.config.seed,
+            guide=answer_regex(aspect, n, self.config.max_tokens) if self.config.guided else None,
         )
 
     def requests(

@@ -113,6 +113,8 @@ def chat_body(model: str, request: ChatRequest) -> dict[str, Any]:
     }
     if request.seed is not None:
         body["seed"] = request.seed
+    if request.guide is not None:  # vLLM's structured outputs (a guided judge)
+        body["structured_outputs"] = {"regex": request.guide}
     return body
 
 

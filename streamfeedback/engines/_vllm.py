@@ -10,22 +10,25 @@ never wait in vLLM longer than about one generation.
 
 Task ownership: the Engine protocol lets `start` and `aclose` run in different tasks (the
 pipeline starts every engine inside one task group's children), and an anyio task group must
-be exited by the task that entered it. So the reader does not live in a task group spanning
-start..aclose: `start` creates one asyncio Task per engine (the pipeline runs on asyncio only,
-CONTRACT.md), which owns an anyio task group of two children (frame reader, exit watcher);
-`aclose` always cancels and awaits it, and anything it hits becomes the engine's
-EngineUnavailable, delivered to every waiting and later `generate`. Nothing is fire-and-forget.
+be exited by the task that entered it. So the service (frame reader and exit watcher) runs in
+a task group the engine owns (`engines/_tasks.TaskHost`, as Ray's restart supervisor), opened
+once the worker is Ready and closed by `aclose` (or a restart); anything it hits becomes the
+engine's EngineUnavailable, delivered to every waiting and later `generate`. Nothing is
+fire-and-forget.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
+import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ from anyio.abc import Process
 from .._config import EngineConfig
 from .._exceptions import EngineError, EngineRequestError, EngineTimeout, EngineUnavailable
 from .._records import ChatRequest, Completion
+from ._tasks import TaskHost
 from ._vllm_worker import (
     MAX_FRAME,
     Abort,
@@ -54,9 +58,12 @@ from ._vllm_worker import (
 
 __all__ = ["VLLMEngine", "VLLMStatistics", "engine_args"]
 
+log = logging.getLogger("streamfeedback.vllm")
+
 WORKER_MODULE = "streamfeedback.engines._vllm_worker"
 SHUTDOWN_GRACE_S = 10.0
 TERMINATE_GRACE_S = 5.0
+GROUP_EXIT_S = 3.0
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 _ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds `streamfeedback`
 
@@ -108,15 +115,39 @@ class _Slot:
         self.answer: Result | Failed | None = None
 
 
-class VLLMEngine:
-    """An `Engine` backed by a vLLM worker process on `config.gpu_ids`."""
+@functools.cache
+def _default_log_dir() -> Path:
+    """One temporary folder per process for engine logs, named once on stderr."""
+    path = Path(tempfile.mkdtemp(prefix="streamfeedback-engine-logs-"))
+    log.info("vLLM engine logs go to %s", path)
+    return path
 
-    def __init__(self, name: str, config: EngineConfig) -> None:
+
+class VLLMEngine:
+    """An `Engine` backed by a vLLM worker process on `config.gpu_ids`.
+
+    The worker's own output (vLLM's logging, progress bars, library notices) goes to
+    `log_dir/NAME.log`, never to the user's stderr. A worker that dies is replaced up to
+    `restarts` times; after that the engine is `gone` and stays out of routing.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: EngineConfig,
+        *,
+        log_dir: str | os.PathLike[str] | None = None,
+        restarts: int = 0,
+    ) -> None:
         self.name = name
         self.config = config
+        self.restarts = restarts
+        self._log_dir = None if log_dir is None else Path(log_dir)
+        self._log_path: Path | None = None
+        self._restarts_used = 0
         self._process: Process | None = None
         self._pid: int | None = None
-        self._service: asyncio.Task[None] | None = None
+        self._host: TaskHost | None = None
         self._ready: Ready | None = None
         self._closed = False
         self._dead: str | None = None
@@ -140,6 +171,16 @@ class VLLMEngine:
     def pid(self) -> int | None:
         """The worker's process id (the last one, after `aclose`), once spawned."""
         return self._pid
+
+    @property
+    def log_path(self) -> Path | None:
+        """The worker's log file, once spawned."""
+        return self._log_path
+
+    @property
+    def gone(self) -> bool:
+        """Dead for good: closed, or died with no restart left. Routing leaves it out."""
+        return self._closed or (self._dead is not None and self._restarts_used >= self.restarts)
 
     @property
     def where(self) -> str:
@@ -175,7 +216,9 @@ class VLLMEngine:
             try:
                 await self._spawn()
             except BaseException as exc:
-                await self._kill_worker()
+                # A worker still loading reads no frames: a Shutdown would only wait out its
+                # grace period (Ctrl-C while engines load must stop within seconds).
+                await self._kill_worker(graceful=False)
                 if isinstance(exc, OSError):
                     raise self._unavailable(f"cannot start the worker: {exc}") from exc
                 raise
@@ -187,6 +230,8 @@ class VLLMEngine:
         :raises EngineTimeout: no answer within `config.timeout` seconds.
         :raises EngineUnavailable: the worker is not started, closed, or died.
         """
+        if self._dead is not None and not self.gone:
+            await self._revive()
         self._check_usable()
         async with self._limiter:
             self._check_usable()
@@ -225,6 +270,37 @@ class VLLMEngine:
 
     # -- start and stop -----------------------------------------------------------------
 
+    async def _revive(self) -> None:
+        """Replace a dead worker (one caller does it; the others wait on the start lock)."""
+        async with self._start_lock:
+            if self._dead is None or self.gone:
+                return
+            self._restarts_used += 1
+            reason, left = self._dead, self.restarts - self._restarts_used
+            log.warning(
+                "%s: %s; restarting the worker (%d restart(s) left after this one)",
+                self.name,
+                reason,
+                left,
+            )
+            await self._kill_worker(graceful=False)
+            self._dead, self._ready = None, None
+            try:
+                await self._spawn()
+            except BaseException as exc:
+                await self._kill_worker(graceful=False)
+                self._die(str(exc) if isinstance(exc, EngineError) else reason)
+                if self.gone:
+                    log.error("%s: out of routing for good: %s", self.name, self._dead)
+                raise
+
+    def _open_log(self) -> Any:
+        folder = self._log_dir or _default_log_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.name)
+        self._log_path = folder / f"{safe}.log"
+        return self._log_path.open("ab")
+
     async def _spawn(self) -> None:
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in self.config.gpu_ids)
@@ -232,14 +308,15 @@ class VLLMEngine:
         # the caller's own PYTHONPATH entries keep their precedence.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), _ROOT) if p)
         self._buffer.clear()
-        process = self._process = await anyio.open_process(
-            [sys.executable, "-m", WORKER_MODULE],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=None,
-            env=env,
-            start_new_session=True,  # one process group: the worker and vLLM's own children
-        )
+        with self._open_log() as log_file:  # the child holds its own copy of the fd
+            process = self._process = await anyio.open_process(
+                [sys.executable, "-m", WORKER_MODULE],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                env=env,
+                start_new_session=True,  # one process group: the worker and vLLM's children
+            )
         self._pid = process.pid
         hello = Hello(
             name=self.name,
@@ -252,32 +329,46 @@ class VLLMEngine:
             first = await self._receive(process)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             code = await _exit_code(process)
-            raise self._unavailable(f"the worker exited with code {code} while starting") from None
+            raise self._unavailable(
+                f"the worker exited with code {code} while starting (log: {self._log_path})"
+            ) from None
         except (ValueError, msgspec.DecodeError) as exc:
             raise self._unavailable(f"garbled answer from the worker: {exc}") from exc
         if isinstance(first, Fatal):
-            raise self._unavailable(f"the engine failed to start: {first.message}")
+            raise self._unavailable(
+                f"the engine failed to start: {first.message} (log: {self._log_path})"
+            )
         if not isinstance(first, Ready):
             raise self._unavailable(f"the worker answered {type(first).__name__} to Hello")
         if self._closed:
             raise self._unavailable("the engine was closed while starting")
         self._ready = first
-        self._service = asyncio.get_running_loop().create_task(self._serve(process))
+        host = self._host = TaskHost(f"vllm-{self.name}")
+        await host.open()
+        host.start_soon(self._serve, process, name=f"vllm-{self.name}-service")
+        log.info(
+            "%s: vLLM engine ready (%s, worker pid %d; log: %s)",
+            self.name,
+            self.where,
+            process.pid,
+            self._log_path,
+        )
 
-    async def _kill_worker(self) -> None:
-        """Shutdown frame, then SIGTERM, then SIGKILL to the worker's whole process group.
+    async def _kill_worker(self, *, graceful: bool = True) -> None:
+        """Shutdown frame, then SIGTERM, then SIGKILL to the worker's whole process group
+        (only the SIGKILL when not `graceful`).
 
         Shielded and bounded, so it completes even while the caller is being cancelled.
         """
         process, self._process = self._process, None
-        service, self._service = self._service, None
+        host, self._host = self._host, None
         with anyio.CancelScope(shield=True):
+            if process is not None and not graceful:
+                await _kill_group(process.pid)
             if process is not None:
                 await _stop_process(process, lambda: self._send_to(process, Shutdown()))
-            if service is not None:
-                service.cancel()
-                with contextlib.suppress(BaseException):
-                    await service
+            if host is not None:
+                await host.aclose()
 
     # -- the service task: reads answers, notices the worker's death ---------------------
 
@@ -308,6 +399,10 @@ class VLLMEngine:
 
                 async def watch_exit() -> None:
                     code = await process.wait()
+                    if not self._closed:
+                        # vLLM's engine core and its workers outlive a killed worker and hold
+                        # the GPU (or GBs of RAM): take the whole process group down now.
+                        await _kill_group(process.pid)
                     with anyio.move_on_after(1):  # answers still in the pipe come first
                         await eof.wait()
                     detail = f": {fatal[-1]}" if fatal else ""
@@ -336,6 +431,9 @@ class VLLMEngine:
         """Mark the engine unusable and wake every waiter; the first reason wins."""
         if self._dead is None:
             self._dead = message
+            if not self._closed:
+                fate = "out of use for good" if self.gone else "its worker will be restarted"
+                log.error("%s: %s; %s (log: %s)", self.name, message, fate, self._log_path)
         for slot in self._slots.values():
             slot.done.set()
 
@@ -433,9 +531,20 @@ async def _stop_process(process: Process, say_shutdown: Callable[[], Awaitable[N
         _signal_group(process, signal.SIGKILL)
         await process.wait()
     # vLLM's own children (engine core, tensor-parallel workers) share the worker's group.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
+    await _kill_group(process.pid)
     await process.aclose()
+
+
+async def _kill_group(pgid: int) -> None:
+    """SIGKILL a process group and wait (bounded) until it is gone, so that whoever closed
+    the engine can count on its memory (or GPU) being free."""
+    with anyio.move_on_after(GROUP_EXIT_S):
+        while True:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                return
+            await anyio.sleep(0.05)
 
 
 def _signal_group(process: Process, sig: signal.Signals) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import logging
 import os
@@ -159,6 +160,20 @@ def _token_ids(rendered: Any) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _structured_outputs(vllm: Any) -> tuple[str, Any] | None:
+    """(SamplingParams keyword, factory from a regex) for guided answers in this vLLM:
+    `structured_outputs` (0.11+), `guided_decoding` before; None where neither exists."""
+    with contextlib.suppress(ImportError):
+        from vllm.sampling_params import StructuredOutputsParams
+
+        return "structured_outputs", lambda regex: StructuredOutputsParams(regex=regex)
+    with contextlib.suppress(ImportError):
+        from vllm.sampling_params import GuidedDecodingParams
+
+        return "guided_decoding", lambda regex: GuidedDecodingParams(regex=regex)
+    return None
+
+
 class _Worker:
     """The serving loop: reads frames, runs one task per request, writes answers."""
 
@@ -172,6 +187,7 @@ class _Worker:
         self.tokenizer: Any = None
         self.vllm: Any = None
         self.output_kind: Any = None
+        self.structured: Any = None
         self.max_model_len: int | None = None
         self.dead = False
 
@@ -201,6 +217,7 @@ class _Worker:
             self.output_kind = RequestOutputKind.FINAL_ONLY
         except ImportError:  # older vLLM: every step is yielded, we keep the last
             self.output_kind = None
+        self.structured = _structured_outputs(vllm)
         args_type = vllm.AsyncEngineArgs
         kwargs = dict(hello.engine_args)
         fields = set(getattr(args_type, "__dataclass_fields__", {}))
@@ -280,6 +297,20 @@ class _Worker:
                     await result
             except Exception:
                 logger.exception("engine shutdown failed")
+        # AsyncLLM.__del__ shuts down again; at interpreter exit its module globals are gone
+        # and it prints a TypeError traceback. Collect it now, while everything still exists.
+        self.engine = None
+        gc.collect()
+
+    def engine_input(self, ids: list[int]) -> Any:
+        """The prompt as this vLLM wants it: rendered by the engine's own renderer where it has
+        one (newer releases deprecate raw prompts), a plain TokensPrompt before that."""
+        renderer = getattr(self.engine, "renderer", None)
+        tokens_prompt = getattr(self.vllm, "TokensPrompt", dict)
+        if renderer is not None and hasattr(renderer, "render_cmpl"):
+            (rendered,) = renderer.render_cmpl([tokens_prompt(prompt_token_ids=ids)])
+            return rendered
+        return tokens_prompt(prompt_token_ids=ids)
 
     def render(self, messages: list[dict[str, str]]) -> list[int]:
         rendered = self.tokenizer.apply_chat_template(
@@ -318,9 +349,13 @@ class _Worker:
             }
             if self.output_kind is not None:
                 options["output_kind"] = self.output_kind
+            if request.guide is not None:
+                if self.structured is None:
+                    raise ValueError("this vLLM version has no structured outputs")
+                key, make = self.structured
+                options[key] = make(request.guide)
             params = self.vllm.SamplingParams(**options)
-            tokens_prompt = getattr(self.vllm, "TokensPrompt", dict)
-            prompt = tokens_prompt(prompt_token_ids=ids)
+            prompt = self.engine_input(ids)
             final: Any = None
             stream = self.engine.generate(prompt, params, f"{request.id}#{rid}")
             async with contextlib.aclosing(stream):  # closing aborts the request in vLLM
@@ -342,6 +377,8 @@ class _Worker:
             raise
         except Exception as exc:
             if _is_engine_dead(exc, self.engine):
+                if self.dead:  # every request in flight fails alike: one traceback is enough
+                    return
                 logger.exception("the vLLM engine died")
                 self.dead = True
                 with contextlib.suppress(Exception):

@@ -106,12 +106,12 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture
-async def engine_factory() -> AsyncIterator[Any]:
+async def engine_factory(tmp_path: Path) -> AsyncIterator[Any]:
     """Builds engines and closes whatever a failing test left open."""
     engines: list[VLLMEngine] = []
 
     def build(config: GeneratorConfig, name: str = "fake-7b") -> VLLMEngine:
-        engine = VLLMEngine(name, config)
+        engine = VLLMEngine(name, config, log_dir=tmp_path / "logs")
         engines.append(engine)
         return engine
 
@@ -125,9 +125,10 @@ async def engine_factory() -> AsyncIterator[Any]:
 
 @pytest.mark.parametrize("anyio_backend", BOTH_LOOPS)
 async def test_vllm_engine_meets_the_contract_over_the_fake(fake_log: Path) -> None:
-    engine = make_engine("fake-7b", _config())
+    engine = make_engine("fake-7b", _config(), log_dir=fake_log.parent / "logs")
     assert isinstance(engine, VLLMEngine)
     await check_engine(engine)
+    assert engine.log_path == fake_log.parent / "logs" / "fake-7b.log"
     builds = _events(fake_log, "build")
     assert len(builds) == 1, "start() twice must not spawn twice"
     assert engine.pid == builds[0]["pid"]

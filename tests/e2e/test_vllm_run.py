@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -77,3 +78,41 @@ def test_six_vllm_generators_on_six_gpus(tmp_path: Path) -> None:
     shutdowns = {e["pid"] for e in events if e["event"] == "shutdown"}
     assert shutdowns == set(pid_of_model.values()), "every engine is shut down"
     assert not any(_alive(pid) for pid in pid_of_model.values()), "no worker outlives the run"
+
+    stderr = result.stderr.decode()
+    assert "fake vllm" not in stderr, "the engines' own output goes to their log files"
+    assert stderr.count("vLLM engine ready") == 6
+    folder = Path(stderr.split("vLLM engine logs go to ", 1)[1].split()[0])
+    try:
+        logs = {p.name: p.read_text() for p in folder.iterdir()}
+    finally:
+        shutil.rmtree(folder)
+    assert sorted(logs) == [f"m{i}.log" for i in range(6)]
+    assert all("INFO fake vllm: loading weights" in text for text in logs.values())
+
+
+def test_engine_logs_go_beside_a_file_output(tmp_path: Path) -> None:
+    (tmp_path / "prompts.jsonl").write_text('{"id": "q0", "instruction": "Hi?"}\n')
+    config = tmp_path / "run.toml"
+    config.write_text(
+        '[source]\npath = "prompts.jsonl"\nid_column = "id"\n[routing]\nn = 1\n'
+        '[[generators]]\nname = "only"\nbackend = "vllm"\nmodel = "org/m"\ngpu = 0\n'
+        '[rater]\nbackend = "sim"\nmodel = "judge"\n'
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(FAKE), os.environ.get("PYTHONPATH")])),
+    }
+    out = tmp_path / "out.ndjson"
+    result = subprocess.run(
+        [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(out)],
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    log = tmp_path / "out.ndjson.logs" / "only.log"
+    assert f"log: {log}" in stderr
+    assert "INFO fake vllm: added request" in log.read_text()
+    assert "fake vllm" not in stderr and "go to" not in stderr
