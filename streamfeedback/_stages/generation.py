@@ -129,16 +129,7 @@ async def run(
                             model = substitute
                             continue
                         if gone:  # never ask a model that left the run
-                            await results.send(
-                                GenerationFailure(
-                                    prompt=job.prompt,
-                                    models=job.models,
-                                    slot=job.slot,
-                                    model=name,
-                                    error="; ".join(errors),
-                                    attempts=asked,
-                                ),
-                            )
+                            await results.send(_failure(job, name, errors, asked))
                             break
                     asked += 1
                     try:
@@ -155,16 +146,7 @@ async def run(
                             )
                             model = substitute
                             continue
-                        await results.send(
-                            GenerationFailure(
-                                prompt=job.prompt,
-                                models=job.models,
-                                slot=job.slot,
-                                model=name,
-                                error="; ".join(errors),
-                                attempts=asked,
-                            ),
-                        )
+                        await results.send(_failure(job, name, errors, asked))
                         break
                     await results.send(
                         Generation(
@@ -187,3 +169,15 @@ async def run(
     async with jobs, anyio.create_task_group() as tg:
         for i in range(concurrency):
             tg.start_soon(worker, jobs.clone(), name=f"gen-{name}-{i}")
+
+
+def _failure(job: GenerationJob, name: str, errors: list[str], asked: int) -> GenerationFailure:
+    """The job failed for good: every model asked, and why each one did not answer."""
+    return GenerationFailure(
+        prompt=job.prompt,
+        models=job.models,
+        slot=job.slot,
+        model=name,
+        error="; ".join(errors),
+        attempts=asked,
+    )

@@ -548,27 +548,15 @@ def _plot_win_rate(s: Summary) -> Figure | None:
             wr = s.win_rate(a, b)
             if wr is not None:
                 grid[i, j], shared[i, j] = wr
-    size = 2.5 + 0.8 * len(names)
-    fig = _figure(size + 1.5, size)
-    ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap="RdBu", vmin=0, vmax=1)
-    ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    for i in range(len(names)):
-        for j in range(len(names)):
-            if not np.isnan(grid[i, j]):
-                ax.text(
-                    j,
-                    i,
-                    f"{grid[i, j]:.2f}\nn={shared[i, j]}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color=_cell_text_colour(image, grid[i, j]),
-                )
-    ax.set_title(f"Win rate, row against column (n = shared prompts){_sim_note(s)}")
-    fig.colorbar(image, ax=ax, shrink=0.8)
-    return fig
+    return _heatmap(
+        names,
+        grid,
+        cmap="RdBu",
+        limits=(0, 1),
+        label=lambda i, j: f"{grid[i, j]:.2f}\nn={shared[i, j]}",
+        fontsize=7,
+        title=f"Win rate, row against column (n = shared prompts){_sim_note(s)}",
+    )
 
 
 def _plot_positions(s: Summary) -> Figure | None:
@@ -605,10 +593,35 @@ def _plot_agreement(s: Summary) -> Figure | None:
     for a in s.agreement:
         i, j = names.index(a.first), names.index(a.second)
         grid[i, j] = grid[j, i] = np.nan if a.r is None else a.r
+    return _heatmap(
+        names,
+        grid,
+        cmap="viridis",
+        limits=(-1, 1),
+        label=lambda i, j: f"{grid[i, j]:.2f}",
+        fontsize=8,
+        title="Aspect agreement (Pearson r)",
+    )
+
+
+def _heatmap(
+    names: list[str],
+    grid: Any,
+    *,
+    cmap: str,
+    limits: tuple[float, float],
+    label: Callable[[int, int], str],
+    fontsize: int,
+    title: str,
+) -> Figure:
+    """A square model-by-model heatmap with a label in every cell that has a value, in a text
+    colour readable on that cell."""
+    import numpy as np
+
     size = 2.5 + 0.8 * len(names)
     fig = _figure(size + 1.5, size)
     ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=-1, vmax=1)
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=limits[0], vmax=limits[1])
     ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     for i in range(len(names)):
@@ -617,13 +630,13 @@ def _plot_agreement(s: Summary) -> Figure | None:
                 ax.text(
                     j,
                     i,
-                    f"{grid[i, j]:.2f}",
+                    label(i, j),
                     ha="center",
                     va="center",
-                    fontsize=8,
+                    fontsize=fontsize,
                     color=_cell_text_colour(image, grid[i, j]),
                 )
-    ax.set_title("Aspect agreement (Pearson r)")
+    ax.set_title(title)
     fig.colorbar(image, ax=ax, shrink=0.8)
     return fig
 
