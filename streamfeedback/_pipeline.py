@@ -22,7 +22,7 @@ import sys
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable, Mapping
 from functools import partial
 from types import TracebackType
-from typing import Any, Literal
+from typing import Literal
 
 import anyio
 import anyio.to_thread
@@ -48,12 +48,11 @@ from ._records import (
     Joined,
     Prompt,
     Record,
-    stable_id,
 )
 from ._stages import gather, generation, rating, routing
 from ._stages.intake import Intake
 from ._stages.sink import write_failures
-from ._stages.source import SourceItem, SourceProblem, open_source
+from ._stages.source import PromptInput, SourceItem, from_code, open_source
 from ._stages.spool import Spool, scan_spool
 from .engines import Engine, make_engine
 
@@ -71,7 +70,6 @@ if sys.version_info < (3, 11):
 
 log = logging.getLogger("streamfeedback")
 
-PromptInput = Prompt | SourceProblem | str | Mapping[str, Any]
 Mode = Literal["run", "generate", "rate"]
 
 
@@ -653,7 +651,7 @@ class Pipeline:
     ) -> AsyncIterator[SourceItem]:
         if prompts is None:
             return await open_source(self.config.source)
-        return _normalize(prompts, self.config.source.column, self.config.source.id_column)
+        return from_code(prompts, self.config.source)
 
 
 def _generator_engines(config: Config) -> dict[str, Engine]:
@@ -663,42 +661,6 @@ def _generator_engines(config: Config) -> dict[str, Engine]:
 
         return {g.label: RayEngine(g.label, g, config.cluster) for g in config.generators}
     return {g.label: make_engine(g.label, g) for g in config.generators}
-
-
-async def _normalize(
-    prompts: Iterable[PromptInput] | AsyncIterable[PromptInput],
-    column: str,
-    id_column: str | None,
-) -> AsyncIterator[Prompt | SourceProblem]:
-    """Turn the caller's prompts (Prompt, str or mapping) into `Prompt`s."""
-    line = 0
-
-    async def items() -> AsyncIterator[PromptInput]:
-        if isinstance(prompts, AsyncIterable):
-            async for item in prompts:
-                yield item
-        else:
-            for item in prompts:
-                yield item
-
-    async for item in items():
-        line += 1
-        if isinstance(item, (Prompt, SourceProblem)):
-            yield item
-            continue
-        if isinstance(item, str):
-            text, pid = item, None
-        else:
-            raw = item.get(column)
-            if not isinstance(raw, str):
-                yield SourceProblem(path="<prompts>", line=line, error=f"no text in {column!r}")
-                continue
-            text = raw
-            pid = None if id_column is None or item.get(id_column) is None else str(item[id_column])
-        if not text.strip():
-            yield SourceProblem(path="<prompts>", line=line, error="empty prompt", id=pid)
-            continue
-        yield Prompt(id=pid or stable_id(text), instruction=text, line=line)
 
 
 class _NoJudge:
