@@ -1,8 +1,13 @@
 """The pipeline: creates every channel, wires the stages, owns every task.
 
-    source -> intake -> routing -> generation (one worker pool per engine) -> gather (join table)
-           [-> spool file -> spool reader] -> rating (judge worker pool) -> records
-    intake, gather, rating -> failures -> failures file
+    generation segment: source -> intake -> routing -> generation (one worker pool per engine)
+                        -> gather (join table)
+    the spool between:  [-> spool file -> spool reader]
+    rating segment:     -> rating (judge worker pool, or the Batch API) -> records
+    intake, gather, rating -> failures -> failures sink (the failures file)
+
+`run` is both segments, `generate` the first (ending at the spool), `rate` the second
+(starting at the spool).
 
 Every channel is a bounded `_channels` channel created here and nowhere else; each stage
 closes what it was handed, so the end of the source ripples down as end-of-stream and a
@@ -17,7 +22,7 @@ import sys
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable, Mapping
 from functools import partial
 from types import TracebackType
-from typing import Any, Literal
+from typing import Literal
 
 import anyio
 import anyio.to_thread
@@ -43,11 +48,11 @@ from ._records import (
     Joined,
     Prompt,
     Record,
-    stable_id,
 )
 from ._stages import gather, generation, rating, routing
-from ._stages.sink import NdjsonWriter, drain
-from ._stages.source import SourceProblem, open_source
+from ._stages.intake import Intake
+from ._stages.sink import write_failures
+from ._stages.source import PromptInput, SourceItem, from_code, open_source
 from ._stages.spool import Spool, scan_spool
 from .engines import Engine, make_engine
 
@@ -65,7 +70,6 @@ if sys.version_info < (3, 11):
 
 log = logging.getLogger("streamfeedback")
 
-PromptInput = Prompt | SourceProblem | str | Mapping[str, Any]
 Mode = Literal["run", "generate", "rate"]
 
 
@@ -242,10 +246,8 @@ class Pipeline:
         self._intake_scope = anyio.CancelScope()
         self._records: RecordStream | None = None
         self._started_engines: list[Engine] = []
-        self._read = self._skipped = self._duplicates = self._from_spool = 0
-        self.source_done = False
+        self._intake: Intake | None = None
         self._stopping = False
-        """The intake took every prompt the run asked for (the source's end, or `limit`)."""
         self._records_out = self._failures_out = 0
         self.pool = Pool(
             self.engines,
@@ -391,49 +393,27 @@ class Pipeline:
         failures_tx, failures_rx = open_channel[Failure](size)
         to_judge_tx, to_judge_rx = open_channel[Joined](size)
 
+        # The generation segment ends at `to_judge` or, with a spool, at the spool file.
         if self.mode != "rate":
             self._start_generation(tg, prompts, to_judge_tx, failures_tx)
-        else:
-            assert self.spool is not None
-            self.source_done = True  # the spool is the source, and stop_intake leaves it be
-            self.spool.finish()
+        # The spool between the segments: its reader hands the rating segment what it holds.
+        if self.mode == "generate":
+            to_judge_tx.close()
+        elif self.spool is not None:
+            if self.mode == "rate":
+                self.spool.finish()  # no writer: the spool is the source
             tg.start_soon(self.spool.read, to_judge_tx, name="spool-reader")
-
+        # The rating segment starts at `to_judge`.
         if self.mode == "generate":
             to_judge_rx.close()
             records_tx.close()
-        elif cfg.rater.mode == "batch":
-            from ._stages import batch_rating
-
-            tg.start_soon(
-                partial(
-                    batch_rating.run,
-                    self.judge,
-                    to_judge_rx,
-                    records_tx,
-                    failures_tx.clone(),
-                    state_path=self.batch_state_path,
-                    done=self.skip_ids,
-                ),
-                name="batch-rating",
-            )
         else:
-            tg.start_soon(
-                partial(
-                    rating.run,
-                    self.judge,
-                    to_judge_rx,
-                    records_tx,
-                    failures_tx.clone(),
-                    concurrency=cfg.rater.concurrency,
-                    # with a spool, a prompt the judge passes over is kept there for a rerun;
-                    # without one, its paid-for responses exist only here: rate them
-                    stopping=self.stopping if self.spool is not None else None,
-                ),
-                name="rating",
-            )
+            self._start_rating(tg, to_judge_rx, records_tx, failures_tx)
         failures_tx.close()
-        tg.start_soon(self._write_failures, failures_rx, name="failures")
+        tg.start_soon(
+            partial(write_failures, failures_rx, self.failures_path, on_write=self._count_failures),
+            name="failures",
+        )
         self._records = RecordStream(records_rx, self)
         self._records_rx = records_rx
         return self._records
@@ -445,7 +425,8 @@ class Pipeline:
         to_judge: Sender[Joined],
         failures: Sender[Failure],
     ) -> None:
-        """Intake -> routing -> generation pools -> gather [-> spool], ending at `to_judge`."""
+        """Intake -> routing -> generation pools -> gather, ending at `to_judge` or, with a
+        spool, at the spool's writer (its reader starts the rating segment)."""
         cfg = self.config
         size = cfg.pipeline.buffer
         prompts_tx, prompts_rx = open_channel[Prompt](size)
@@ -453,7 +434,18 @@ class Pipeline:
         queues_rx: dict[str, Receiver[GenerationJob]] = {}
         for name in self.engines:
             queues_tx[name], queues_rx[name] = open_channel[GenerationJob](size)
-        tg.start_soon(self._intake, prompts, prompts_tx, failures.clone(), name="intake")
+        self._intake = Intake(
+            limit=self.limit,
+            shard=self.shard,
+            skip_ids=self.skip_ids,
+            spooled_ids=self.spooled_ids,
+            batched_ids=self.batched_ids,
+            scope=self._intake_scope,
+        )
+        tg.start_soon(
+            partial(self._intake.run, partial(self._open, prompts), prompts_tx, failures.clone()),
+            name="intake",
+        )
         tg.start_soon(
             partial(
                 routing.run,
@@ -479,10 +471,46 @@ class Pipeline:
             name="generation",
         )
         tg.start_soon(self.spool.write, spool_rx, name="spool-writer")
-        if self.mode == "generate":
-            to_judge.close()
+
+    def _start_rating(
+        self,
+        tg: TaskGroup,
+        to_judge: Receiver[Joined],
+        records: Sender[Record],
+        failures: Sender[Failure],
+    ) -> None:
+        """The judge (a worker pool, or the Batch API) over `to_judge`, ending at `records`."""
+        cfg = self.config
+        if cfg.rater.mode == "batch":
+            from ._stages import batch_rating
+
+            tg.start_soon(
+                partial(
+                    batch_rating.run,
+                    self.judge,
+                    to_judge,
+                    records,
+                    failures.clone(),
+                    state_path=self.batch_state_path,
+                    done=self.skip_ids,
+                ),
+                name="batch-rating",
+            )
         else:
-            tg.start_soon(self.spool.read, to_judge, name="spool-reader")
+            tg.start_soon(
+                partial(
+                    rating.run,
+                    self.judge,
+                    to_judge,
+                    records,
+                    failures.clone(),
+                    concurrency=cfg.rater.concurrency,
+                    # with a spool, a prompt the judge passes over is kept there for a rerun;
+                    # without one, its paid-for responses exist only here: rate them
+                    stopping=self.stopping if self.spool is not None else None,
+                ),
+                name="rating",
+            )
 
     async def _generate(
         self,
@@ -546,6 +574,14 @@ class Pipeline:
         """Whether `stop()` was called."""
         return self._stopping
 
+    @property
+    def source_done(self) -> bool:
+        """The intake took every prompt the run asked for (the source's end, or `limit`); in
+        `rate` mode the spool is the source, and stop_intake leaves it be."""
+        if self.mode == "rate":
+            return self._records is not None
+        return self._intake is not None and self._intake.done
+
     def statistics(self) -> PipelineStatistics:
         judge = self.judge.statistics()
         usage = getattr(self.judge_engine, "statistics", None)
@@ -553,19 +589,21 @@ class Pipeline:
         prompt_tokens = getattr(engine, "prompt_tokens", 0)
         completion_tokens = getattr(engine, "completion_tokens", 0)
         spool = self.spool
+        intake = self._intake
+        read = intake.read if intake is not None else 0
         return PipelineStatistics(
-            read=self._read,
-            skipped=self._skipped,
-            duplicates=self._duplicates,
+            read=read,
+            skipped=intake.skipped if intake is not None else 0,
+            duplicates=intake.duplicates if intake is not None else 0,
             records=self._records_out,
             failures=self._failures_out,
-            in_flight=self._read - self._records_out - self._failures_out,
+            in_flight=read - self._records_out - self._failures_out,
             spooled=self.spool.appended if self.spool is not None else 0,
             generation_tokens=sum(g.tokens for g in self.gauges.values()),
             judge_requests=judge.requests,
             judge_reasks=judge.reasks,
             null_ratings=judge.null_ratings,
-            from_spool=self._from_spool,
+            from_spool=intake.from_spool if intake is not None else 0,
             not_applicable=judge.not_applicable,
             judge_rate_limited=getattr(engine, "rate_limited", 0),
             judge_prompt_tokens=prompt_tokens,
@@ -613,121 +651,12 @@ class Pipeline:
                 for engine in engines:
                     tg.start_soon(_close_quietly, engine)
 
-    async def _intake(
-        self,
-        prompts: Iterable[PromptInput] | AsyncIterable[PromptInput] | None,
-        out: Sender[Prompt],
-        failures: Sender[Failure],
-    ) -> None:
-        seen = IdSet()
-        ordinal = taken = 0
-        async with out, failures:
-            with self._intake_scope:
-                items = await self._open(prompts)
-                try:
-                    async for item in items:
-                        # Not per item (that was a third of the intake's cost): stop_intake
-                        # is seen at once; a cancelled run, and the rest of the loop, get a
-                        # turn every 64 items, however many of them are skipped.
-                        taken += 1
-                        if self._intake_scope.cancel_called:
-                            await anyio.lowlevel.checkpoint_if_cancelled()
-                        elif not taken % 64:
-                            await anyio.lowlevel.checkpoint()
-                        if isinstance(item, SourceProblem):
-                            where = f"{item.path}:{item.line}" if item.line else item.path
-                            log.warning("skipping bad input at %s: %s", where, item.error)
-                            await failures.send(
-                                Failure(
-                                    id=item.id or where,
-                                    stage="source",
-                                    error=item.error,
-                                    line=item.line,
-                                )
-                            )
-                            continue
-                        if not seen.add(item.id):
-                            self._duplicates += 1
-                            log.warning(
-                                "duplicate prompt id %r%s: kept the first",
-                                item.id,
-                                f" (line {item.line})" if item.line else "",
-                            )
-                            continue
-                        ordinal += 1
-                        if self.limit is not None and ordinal > self.limit:
-                            self.source_done = True
-                            break
-                        if (
-                            self.shard is not None
-                            and (ordinal - 1) % self.shard[1] != self.shard[0]
-                        ):
-                            continue
-                        if item.id in self.skip_ids:
-                            self._skipped += 1
-                            continue
-                        if item.id in self.spooled_ids or item.id in self.batched_ids:
-                            self._from_spool += 1  # rated from the spool (or its batch)
-                            continue
-                        prompt = msgspec.structs.replace(item, index=ordinal)
-                        try:
-                            out.send_nowait(prompt)
-                        except anyio.WouldBlock:
-                            # Shielded: a prompt taken from the source is handed on whole, so
-                            # stop_intake never loses one; if the run is torn down instead, the
-                            # receiver closes and the send ends with BrokenResourceError.
-                            with anyio.CancelScope(shield=True):
-                                try:
-                                    await out.send(prompt)
-                                except anyio.BrokenResourceError:
-                                    return
-                        except anyio.BrokenResourceError:
-                            return
-                        self._read += 1
-                    else:
-                        self.source_done = True
-                finally:
-                    closer = getattr(items, "aclose", None)
-                    if closer is not None:
-                        with anyio.CancelScope(shield=True):
-                            await closer()
-            if self._intake_scope.cancelled_caught:
-                log.warning("intake stopped: no new prompts; finishing those in flight")
-
     async def _open(
         self, prompts: Iterable[PromptInput] | AsyncIterable[PromptInput] | None
-    ) -> AsyncIterator[Prompt | SourceProblem]:
+    ) -> AsyncIterator[SourceItem]:
         if prompts is None:
             return await open_source(self.config.source)
-        return _normalize(prompts, self.config.source.column, self.config.source.id_column)
-
-    async def _write_failures(self, failures: Receiver[Failure]) -> None:
-        writer = NdjsonWriter(self.failures_path)
-        try:
-            async with failures:
-                try:
-                    await drain(failures, writer, on_write=self._count_failures)
-                finally:
-                    # A run cut short (a dead judge, the drain timeout) still records every
-                    # failure already reported, so the summary and the file agree.
-                    left = _waiting(failures)
-                    if left:
-                        with anyio.CancelScope(shield=True):
-                            await writer.write_many(left)
-                        self._count_failures(len(left))
-        finally:
-            with anyio.CancelScope(shield=True):
-                await writer.aclose()
-
-
-def _waiting(stream: Receiver[Failure]) -> list[Failure]:
-    """What a channel holds now, without waiting."""
-    items: list[Failure] = []
-    while True:
-        try:
-            items.append(stream.receive_nowait())
-        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-            return items
+        return from_code(prompts, self.config.source)
 
 
 def _generator_engines(config: Config, log_dir: str | None = None) -> dict[str, Engine]:
@@ -742,42 +671,6 @@ def _generator_engines(config: Config, log_dir: str | None = None) -> dict[str, 
         g.label: make_engine(g.label, g, log_dir=log_dir, restarts=restarts)
         for g in config.generators
     }
-
-
-async def _normalize(
-    prompts: Iterable[PromptInput] | AsyncIterable[PromptInput],
-    column: str,
-    id_column: str | None,
-) -> AsyncIterator[Prompt | SourceProblem]:
-    """Turn the caller's prompts (Prompt, str or mapping) into `Prompt`s."""
-    line = 0
-
-    async def items() -> AsyncIterator[PromptInput]:
-        if isinstance(prompts, AsyncIterable):
-            async for item in prompts:
-                yield item
-        else:
-            for item in prompts:
-                yield item
-
-    async for item in items():
-        line += 1
-        if isinstance(item, (Prompt, SourceProblem)):
-            yield item
-            continue
-        if isinstance(item, str):
-            text, pid = item, None
-        else:
-            raw = item.get(column)
-            if not isinstance(raw, str):
-                yield SourceProblem(path="<prompts>", line=line, error=f"no text in {column!r}")
-                continue
-            text = raw
-            pid = None if id_column is None or item.get(id_column) is None else str(item[id_column])
-        if not text.strip():
-            yield SourceProblem(path="<prompts>", line=line, error="empty prompt", id=pid)
-            continue
-        yield Prompt(id=pid or stable_id(text), instruction=text, line=line)
 
 
 class _NoJudge:

@@ -1,4 +1,5 @@
-"""The source stage: prompts from a file, stdin or a `datasets` dataset, as an async iterator.
+"""The source stage: prompts from a file, stdin, a `datasets` dataset or the caller's code, as an
+async iterator.
 
 `open_source` is a coroutine: it does every check that can be made before the first row
 (the file exists, the format is known, the column is there, the top of the file decodes) and
@@ -9,6 +10,8 @@ returns, a `PromptSource`, yields `Prompt`s and, for rows that cannot become one
 Memory stays bounded however long the source: rows are read and decoded in a worker thread
 about 1 MiB or a few thousand rows per hop, so the event loop never blocks on a read. The one
 exception is a `.json` file holding a JSON array, which is loaded whole.
+
+Prompts passed in code (`from_code`) pass the same row checks as rows from a file.
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ import csv
 import io
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Protocol, TypeVar
@@ -32,7 +43,14 @@ from .._config import SourceConfig
 from .._exceptions import SourceError
 from .._records import Prompt, stable_id
 
-__all__ = ["PromptSource", "SourceItem", "SourceProblem", "open_source"]
+__all__ = [
+    "PromptInput",
+    "PromptSource",
+    "SourceItem",
+    "SourceProblem",
+    "from_code",
+    "open_source",
+]
 
 _T = TypeVar("_T")
 
@@ -60,6 +78,8 @@ class SourceProblem(msgspec.Struct, frozen=True, kw_only=True):
 
 
 SourceItem = Prompt | SourceProblem
+PromptInput = Prompt | SourceProblem | str | Mapping[str, Any]
+"""A prompt passed in code: a `Prompt`, a `SourceProblem`, the text, or a row (a mapping)."""
 
 
 class _Reader(Protocol):
@@ -170,6 +190,46 @@ async def open_source(config: SourceConfig, *, stdin: BinaryIO | None = None) ->
     return await _open(lambda: _open_file(rows), rows.name, anyio.to_thread.run_sync)
 
 
+async def from_code(
+    prompts: Iterable[PromptInput] | AsyncIterable[PromptInput], config: SourceConfig
+) -> AsyncIterator[SourceItem]:
+    """The caller's prompts as source items. A row (a mapping) passes the same checks as a row
+    from a file (`_Rows.item`: the column, the id column, empty text, valid UTF-8); a text is
+    checked as a row of that text alone, its id derived from it; a `Prompt` as a row of its
+    `instruction` and `id` (and passes as it is). `SourceProblem`s pass as they are. Lines
+    count from 1, in the order given (a `Prompt` that has its own `line` keeps it)."""
+    rows = _Rows(config, name="<prompts>")
+    texts = _Rows(msgspec.structs.replace(config, id_column=None), name="<prompts>")
+    structs = _Rows(
+        msgspec.structs.replace(config, column="instruction", id_column="id"), name="<prompts>"
+    )
+    column, id_column = rows.column, rows.id_column
+    line = 0
+
+    async def items() -> AsyncIterator[PromptInput]:
+        if isinstance(prompts, AsyncIterable):
+            async for item in prompts:
+                yield item
+        else:
+            for item in prompts:
+                yield item
+
+    async for item in items():
+        line += 1
+        if isinstance(item, Prompt):
+            checked = structs.item(item.instruction, item.id, item.line or line)
+            yield item if isinstance(checked, Prompt) else checked
+        elif isinstance(item, SourceProblem):
+            yield item
+        elif isinstance(item, str):
+            yield texts.item(item, None, line)
+        elif isinstance(item, Mapping):
+            raw_id = _MISSING if id_column is None else item.get(id_column, _MISSING)
+            yield rows.item(item.get(column, _MISSING), raw_id, line)
+        else:
+            yield rows.problem(line, f"{_kind(item)}, not a text or a row")
+
+
 def _default_stdin(rows: _Rows) -> BinaryIO:
     """The process's stdin, unbuffered: a daemon thread blocked in a buffered read holds the
     buffer's lock, and the interpreter then aborts at exit when it flushes stdin."""
@@ -226,8 +286,10 @@ async def _hop_daemon(fn: Callable[[], _T]) -> _T:
 class _Rows:
     """Maps one row's raw values to a `Prompt` or a `SourceProblem`, the same for every format."""
 
-    def __init__(self, config: SourceConfig) -> None:
-        if config.dataset is not None:
+    def __init__(self, config: SourceConfig, *, name: str | None = None) -> None:
+        if name is not None:
+            self.name = name
+        elif config.dataset is not None:
             self.name = config.dataset
         else:
             self.name = "<stdin>" if config.path == "-" else str(config.path)

@@ -16,6 +16,7 @@ from streamfeedback import (
     Failure,
     Message,
     Pipeline,
+    Prompt,
     Record,
 )
 from streamfeedback.engines import FakeEngine, SimEngine
@@ -183,6 +184,123 @@ async def test_skip_ids_limit_and_duplicates() -> None:
         stats = pipeline.statistics()
     assert sorted(r.id for r in records) == [f"p{i:04d}" for i in range(10) if i not in (1, 2)]
     assert stats.skipped == 2
+
+
+async def _outcome(
+    tmp_path: Path, source: dict[str, object], prompts: object = None
+) -> tuple[list[str], list[dict[str, object]]]:
+    """The record ids and the failures file of a run over `prompts` (None: the source)."""
+    failures = tmp_path / ("from-file.ndjson" if prompts is None else "from-code.ndjson")
+    async with Pipeline(sim_config(source=source), failures_path=str(failures)) as pipeline:
+        records = await _collect(pipeline, prompts)
+    lines = failures.read_bytes().splitlines() if failures.exists() else []
+    return sorted(r.id for r in records), [msgspec.json.decode(line) for line in lines]
+
+
+def _from(failures: list[dict[str, object]], path: str) -> list[dict[str, object]]:
+    """Failures with their place-derived ids (`path:line`) named after `<prompts>`."""
+    return [{**f, "id": str(f["id"]).replace(f"{path}:", "<prompts>:", 1)} for f in failures]
+
+
+async def test_rows_from_code_fail_exactly_as_the_same_rows_from_a_file(tmp_path: Path) -> None:
+    rows: list[dict[str, object]] = [
+        {"id": "ok", "instruction": "A fine question?"},
+        {"id": 1.5, "instruction": "a number for an id"},
+        {"id": ["a"], "instruction": "an array for an id"},
+        {"id": True, "instruction": "a boolean for an id"},
+        {"id": None, "instruction": "no id"},
+        {"instruction": "no id column at all"},
+        {"id": "empty", "instruction": ""},
+        {"id": "blank", "instruction": " \n\t"},
+        {"id": "no-text"},
+        {"id": "number-text", "instruction": 3},
+        {"id": 7, "instruction": "an integer id is its digits"},
+    ]
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b"".join(msgspec.json.encode(row) + b"\n" for row in rows))
+    source = {"path": str(path), "id_column": "id"}
+    from_file = await _outcome(tmp_path, source)
+    from_code = await _outcome(tmp_path, source, rows)
+    assert from_code[0] == from_file[0] == ["7", "ok"]
+    assert len(from_code[1]) == len(rows) - 2
+    assert from_code[1] == _from(from_file[1], str(path))
+    assert {f["error"] for f in from_code[1]} >= {
+        "id column `id` holds a number, not a string or an integer",
+        "no value in id column `id`",
+        "empty prompt",
+        "no value in column `instruction`",
+    }
+
+
+async def test_lone_surrogates_from_code_fail_as_undecodable_bytes_in_a_csv_file(
+    tmp_path: Path,
+) -> None:
+    # A CSV file's undecodable bytes reach the row check as lone surrogates
+    # (surrogateescape): a text from code holding one is no more valid UTF-8.
+    path = tmp_path / "prompts.csv"
+    path.write_bytes(b"id,instruction\nok,fine\na\xff,bad id\nb,bad \xfe text\n")
+    rows = [
+        {"id": "ok", "instruction": "fine"},
+        {"id": "a\udcff", "instruction": "bad id"},
+        {"id": "b", "instruction": "bad \udcfe text"},
+    ]
+    source = {"path": str(path), "id_column": "id"}
+    ids, from_file = await _outcome(tmp_path, source)
+    code_ids, from_code = await _outcome(tmp_path, source, rows)
+    assert code_ids == ids == ["ok"]
+    bad_id, bad_text = "id column `id` is not valid UTF-8", "not valid UTF-8"
+    # the same failures, but a CSV file's line numbers count its header
+    assert from_file == [
+        {"id": f"{path}:3", "stage": "source", "error": bad_id, "line": 3},
+        {"id": "b", "stage": "source", "error": bad_text, "line": 4},
+    ]
+    assert from_code == [
+        {"id": "<prompts>:2", "stage": "source", "error": bad_id, "line": 2},
+        {"id": "b", "stage": "source", "error": bad_text, "line": 3},
+    ]
+
+
+async def test_texts_from_code_pass_the_row_checks_too(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.jsonl"
+    texts = ["A fine question?", "", "   ", "bad \udcfe text"]
+    path.write_bytes(b"".join(msgspec.json.encode({"instruction": t}) + b"\n" for t in texts[:3]))
+    ids, failures = await _outcome(tmp_path, {"path": "-"}, texts)
+    from_file = await _outcome(tmp_path, {"path": str(path)})
+    assert ids == from_file[0] and len(ids) == 1
+    assert failures[:2] == _from(from_file[1], str(path))
+    assert failures == [
+        {"id": "<prompts>:2", "stage": "source", "error": "empty prompt", "line": 2},
+        {"id": "<prompts>:3", "stage": "source", "error": "empty prompt", "line": 3},
+        {"id": "<prompts>:4", "stage": "source", "error": "not valid UTF-8", "line": 4},
+    ]
+
+
+async def test_prompt_structs_from_code_pass_the_row_checks_too(tmp_path: Path) -> None:
+    prompts: list[object] = [
+        Prompt(id="ok", instruction="A fine question?", line=7),
+        Prompt(id="blank", instruction="  "),
+        Prompt(id="b\udcff", instruction="a bad id"),
+        Prompt(id="t", instruction="bad \udcfe text"),
+        42,
+    ]
+    ids, failures = await _outcome(tmp_path, {"path": "-"}, prompts)
+    assert ids == ["ok"]
+    assert failures == [
+        {"id": "blank", "stage": "source", "error": "empty prompt", "line": 2},
+        {
+            "id": "<prompts>:3",
+            "stage": "source",
+            "error": "id column `id` is not valid UTF-8",
+            "line": 3,
+        },
+        {"id": "t", "stage": "source", "error": "not valid UTF-8", "line": 4},
+        {
+            "id": "<prompts>:5",
+            "stage": "source",
+            "error": "a number, not a text or a row",
+            "line": 5,
+        },
+    ]
 
 
 async def test_run_needs_the_context_manager_and_runs_once() -> None:
