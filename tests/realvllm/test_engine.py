@@ -161,12 +161,15 @@ async def test_kill_9_kills_the_tree_the_worker_restarts_once_then_an_engine_cor
             if Path(f"/proc/{pid}/comm").read_text().startswith("VLLM::EngineCor")
         )
         errors: list[str] = []
+        finished: list[int] = []
 
         async def one(i: int) -> None:
             try:
                 await engine.generate(_ask(10 + i, max_tokens=3000))
             except EngineUnavailable as exc:
                 errors.append(str(exc))
+            else:  # done between the in-flight count and the kill: a fair race
+                finished.append(i)
 
         with anyio.fail_after(60):
             async with anyio.create_task_group() as tg:
@@ -175,7 +178,9 @@ async def test_kill_9_kills_the_tree_the_worker_restarts_once_then_an_engine_cor
                 while engine.statistics().in_flight < 16:  # noqa: ASYNC110
                     await anyio.sleep(0.05)
                 os.kill(core, signal.SIGKILL)
-        assert len(errors) == 16, errors
+        assert len(errors) + len(finished) == 16, errors
+        assert len(errors) >= 8, (errors, finished)
+        assert all("EngineDeadError" in e or "exited" in e for e in errors), errors
         assert engine.gone
         with pytest.raises(EngineUnavailable, match="EngineDeadError|exited"):
             await engine.generate(_ask(1))
