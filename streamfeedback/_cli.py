@@ -554,6 +554,7 @@ async def _run(args: argparse.Namespace, held: list[int]) -> int:
     # nothing: the run is complete and says so.
     complete = (
         pipeline is not None
+        and pipeline.mode != "rate"  # its in-flight count knows no total to finish
         and pipeline.source_done
         and not cut
         and pipeline.statistics().in_flight == 0

@@ -457,23 +457,29 @@ def check_environment(config: Config, origin: str = "<config>") -> None:
         if engine.backend != "openai":
             continue
         var = api_key_env(engine)
-        if var is None:
-            continue
         key = api_key(engine)
+        if var is None and key == "EMPTY":
+            continue  # a local server that needs no key, and none is set
+        shown = var or "OPENAI_API_KEY"
         if not key:
             raise ConfigError(
                 origin,
                 f"{where}.api_key_env",
-                f"environment variable {var} is not set (it should hold the API key)",
+                f"environment variable {shown} is not set (it should hold the API key)",
             )
-        if not key.isascii() or not key.isprintable():
+        if not header_safe(key):
             # An HTTP header cannot carry it: the run would fail on its first request.
             raise ConfigError(
                 origin,
                 f"{where}.api_key_env",
-                f"environment variable {var} holds a character an API key cannot have "
-                "(not printable ASCII); check how it was set",
+                f"environment variable {shown} holds a character an API key cannot have "
+                "(not printable ASCII, or a space); check how it was set",
             )
+
+
+def header_safe(key: str) -> bool:
+    """Whether an HTTP header can carry `key` as a bearer token: printable ASCII, no space."""
+    return key.isascii() and key.isprintable() and " " not in key
 
 
 def _engine_sections(config: Config) -> list[tuple[str, EngineConfig]]:

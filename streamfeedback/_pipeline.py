@@ -591,13 +591,16 @@ class Pipeline:
         spool = self.spool
         intake = self._intake
         read = intake.read if intake is not None else 0
+        # Prompts that entered the run (generated, or rated from the spool) less those that
+        # left it; a bad source row fails without ever entering.
+        entered = read + (intake.from_spool - intake.problems if intake is not None else 0)
         return PipelineStatistics(
             read=read,
             skipped=intake.skipped if intake is not None else 0,
             duplicates=intake.duplicates if intake is not None else 0,
             records=self._records_out,
             failures=self._failures_out,
-            in_flight=read - self._records_out - self._failures_out,
+            in_flight=max(0, entered - self._records_out - self._failures_out),
             spooled=self.spool.appended if self.spool is not None else 0,
             generation_tokens=sum(g.tokens for g in self.gauges.values()),
             judge_requests=judge.requests,
@@ -610,7 +613,7 @@ class Pipeline:
             judge_completion_tokens=completion_tokens,
             judge_cost_dollars=judge_cost(self.config.rater, prompt_tokens, completion_tokens),
             spool_backlog=0
-            if spool is None
+            if spool is None or self.mode == "generate"  # no judge reads it in this run
             else max(
                 0,
                 self._spool_entries

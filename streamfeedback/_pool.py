@@ -10,7 +10,8 @@ listens at its address, every request gets the same 4xx or 5xx, or a wrong key, 
 is a dead end, not a bad patch: it leaves the run for good. Once fewer than `need` models are
 left, no record can get its responses, and the generation workers stop the run. An engine
 that says it is `gone` (a vLLM worker past its restarts) leaves the run the same way; one that
-answered before and then fails (a worker being restarted) only cools down.
+answered before and then fails, or that restarts its own worker (vLLM, until `gone`), only
+cools down.
 """
 
 from __future__ import annotations
@@ -118,13 +119,16 @@ class Pool:
         if exc.status == 429:
             return  # busy, not dead: rate limits slow the run down instead
         signature = exc.kind
-        if getattr(self.engines[name], "gone", False):
+        gone = getattr(self.engines[name], "gone", None)  # None: not a restartable engine
+        if gone:
             self._retire(name, f"its engine is gone for good (last: {exc})")
+        elif gone is not None:
+            pass  # it restarts its worker itself: out of routing while cooling, until `gone`
         elif isinstance(exc, EngineUnavailable) and (
             not health.answered or exc.status in (401, 403, 404)
         ):
             # refused its key, URL or model, or unreachable from the start: a dead end; one
-            # that answered and then went away (a worker restarting) cools down instead
+            # that answered and then went away cools down instead
             self._retire(name, f"{exc}")
         elif not health.answered:
             health.same = health.same + 1 if signature == health.signature else 1

@@ -213,7 +213,14 @@ class Judge:
             try:
                 completion = await self._ask(request)
             except EngineUnavailable as exc:
-                raise JudgeUnavailable(f"judge {self.label}: {_reason(exc)}") from exc
+                # A local judge whose worker died mid-run restarts it (up to its restarts):
+                # ask again once it is back, rather than stopping the run.
+                if not (self._answered and getattr(self.engine, "gone", None) is False):
+                    raise JudgeUnavailable(f"judge {self.label}: {_reason(exc)}") from exc
+                if attempts >= self.config.max_attempts:
+                    raise JudgeError(f"judge {self.label} ({aspect}): {_reason(exc)}") from exc
+                log.warning("judge %s: %s; asking again", self.label, _reason(exc))
+                continue
             except EngineError as exc:
                 raise JudgeError(f"judge {self.label} ({aspect}): {_reason(exc)}") from exc
             shown = merge_blocks(shown, self.parse(joined, aspect, completion.text))

@@ -468,8 +468,8 @@ class Spool:
                         return
                     for size, entry in _entries(self.path, chunk, cursor):
                         self._cache.pop(cursor, None)
+                        self.read_from_file += 1  # a line that does not decode is read too
                         if entry is not None:
-                            self.read_from_file += 1
                             for joined in joiner.entry(entry, cursor):
                                 await out.send(joined)
                         cursor += size

@@ -155,7 +155,8 @@ class OpenAIEngine:
         self.name = name
         self.config = config
         base = config.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-        self.base_url = base.rstrip("/")
+        self.base_url = _shown(base.rstrip("/"))
+        """The endpoint as messages and logs name it: a password in the URL is masked."""
         self.limiter = limiter or RateLimiter(
             max_concurrency=config.concurrency,
             requests_per_minute=config.requests_per_minute,
@@ -166,7 +167,9 @@ class OpenAIEngine:
         self._patience = config.rate_limit_patience
         self._session: aiohttp.ClientSession | None = None
         try:
-            self._url = yarl.URL(self.base_url + "/chat/completions")
+            # The key goes in the Authorization header, which HTTP clients will not combine
+            # with credentials in the URL: those are dropped (and masked in messages).
+            self._url = yarl.URL(base.rstrip("/") + "/chat/completions").with_user(None)
         except ValueError:
             self._url = yarl.URL()  # `start` refuses it, naming base_url
         self._api_key = ""
@@ -327,7 +330,7 @@ class OpenAIEngine:
                     logger.debug(
                         "%s: POST %s -> %d in %.0f ms",
                         self.name,
-                        self._url,
+                        self.base_url + "/chat/completions",
                         status,
                         (time.monotonic() - sent) * 1000,
                     )
@@ -470,6 +473,15 @@ class OpenAIEngine:
                 reset = _duration(headers.get(f"x-ratelimit-reset-{kind}"))
                 if reset:
                     self.limiter.pause(min(reset, _MAX_RETRY_AFTER))
+
+
+def _shown(url: str) -> str:
+    """`url` with any password in it masked, for messages and logs."""
+    try:
+        parsed = yarl.URL(url)
+    except ValueError:
+        return url
+    return str(parsed.with_password("***")) if parsed.password else url
 
 
 def _connection_trace(name: str) -> list[aiohttp.TraceConfig] | None:

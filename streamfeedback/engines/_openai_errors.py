@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import openai
 
-from .._config import EngineConfig, api_key, api_key_env
+from .._config import EngineConfig, api_key, api_key_env, header_safe
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -55,7 +55,7 @@ def read_key(config: EngineConfig, base_url: str) -> str:
         raise MissingKey(
             f"environment variable {var} is not set (it should hold the API key for {base_url})"
         )
-    if not key.isascii() or not key.isprintable() or " " in key:
+    if not header_safe(key):
         raise MissingKey(
             f"the API key in {var or 'OPENAI_API_KEY'} has a character an HTTP header cannot "
             "carry (not ASCII, a space or a control character): check the variable"

@@ -286,6 +286,21 @@ async def test_connection_refused_is_unavailable_at_once_naming_the_endpoint() -
         await engine.aclose()
 
 
+async def test_a_password_in_base_url_never_reaches_a_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with OpenAIServer(echo_handler()) as server:
+        url = server.base_url.replace("http://", "http://user:s3cret-pw@")
+    engine = OpenAIEngine("x", _config(url, max_retries=5), backoff=0.5)
+    try:
+        with caplog.at_level("DEBUG"), pytest.raises(EngineUnavailable) as info:
+            await engine.generate(_request())
+        assert "cannot reach http://user:***@" in str(info.value)
+        assert "s3cret-pw" not in str(info.value) and "s3cret-pw" not in caplog.text
+    finally:
+        await engine.aclose()
+
+
 async def test_an_unknown_host_is_unavailable_at_once() -> None:
     engine = OpenAIEngine("x", _config("http://no-such-host.invalid/v1", max_retries=5))
     try:

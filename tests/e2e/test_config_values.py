@@ -88,7 +88,9 @@ def test_a_generator_value_names_its_table(tmp_path: Path) -> None:
     assert b"generators[0]" in result.stderr and b"`temperature`" in result.stderr
 
 
-@pytest.mark.parametrize("value", ["sk-t\u00e9st-0123456789", "sk-test\x01-0123", "sk-te st\x7f"])
+@pytest.mark.parametrize(
+    "value", ["sk-t\u00e9st-0123456789", "sk-test\x01-0123", "sk-te st\x7f", "sk-abc def-0123"]
+)
 def test_an_api_key_no_header_can_carry_exits_2_naming_the_variable_not_the_value(
     tmp_path: Path, value: str
 ) -> None:

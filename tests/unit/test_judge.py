@@ -222,3 +222,40 @@ async def test_an_honest_na_is_marked_and_not_counted_as_unreadable() -> None:
     assert record.not_applicable == [False, True, False, False]
     assert calls == 1, "an N/A is an answer: no re-ask"
     assert judge.statistics().null_ratings == 0
+
+
+class _RestartingJudge(FakeEngine):
+    """A local judge engine that replaces its own dead worker (as the vLLM backend does)."""
+
+    gone = False
+
+
+async def test_a_local_judge_whose_worker_died_is_asked_again_not_given_up() -> None:
+    """The worker died under a request (EngineUnavailable) and restarts: the judge asks again
+    instead of stopping the run; once the engine is gone for good, the run stops."""
+    died = iter([False, True, False])
+
+    def handler(request: ChatRequest) -> str:
+        if next(died, False):
+            raise EngineUnavailable("judge", "the worker exited with code 3")
+        return _answer(_shown(request))
+
+    engine = _RestartingJudge("judge", handler)
+    judge = Judge(engine, _rater())
+    assert (await judge.rate(_joined())).ratings == [5, 2, 4, 1]
+    record = await judge.rate(_joined())  # the worker died under its first attempt
+    assert record.ratings == [5, 2, 4, 1] and record.judge_attempts == 2
+
+    answers = iter([True])
+
+    def then_down(request: ChatRequest) -> str:
+        if next(answers, False):
+            return _answer(_shown(request))
+        raise EngineUnavailable("judge", "the worker exited with code 3")
+
+    gone = _RestartingJudge("judge", then_down)
+    judge = Judge(gone, _rater())
+    await judge.rate(_joined())
+    gone.gone = True  # past its restarts
+    with pytest.raises(JudgeUnavailable):
+        await judge.rate(_joined())

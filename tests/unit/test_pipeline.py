@@ -324,3 +324,40 @@ async def test_unwrap_group_finds_the_cause_under_nested_groups_and_knock_on_err
     bug = BaseExceptionGroup("pipeline", [nested, TypeError("a bug")])
     assert unwrap_group(bug) is bug
     assert unwrap_group(cause) is cause
+
+
+async def test_nothing_is_in_flight_after_a_run_with_bad_rows_and_spooled_prompts(
+    tmp_path: Path,
+) -> None:
+    """A bad row fails without entering the run, and a prompt rated from the spool enters it
+    without being generated: once every record is out, nothing is in flight (the CLI reads 0
+    as "complete" after a Ctrl-C that let the run finish)."""
+    config = sim_config(source={"path": "-", "id_column": "id"})
+    spool = str(tmp_path / "spool.ndjson")
+    rows: list[object] = [*_prompts(6), {"id": "bad", "instruction": "   "}]
+    async with Pipeline(
+        config, failures_path=str(tmp_path / "f1.ndjson"), spool_path=spool, mode="generate"
+    ) as pipeline:
+        await _collect(pipeline, _prompts(3))
+    async with Pipeline(
+        config, failures_path=str(tmp_path / "f2.ndjson"), spool_path=spool
+    ) as pipeline:
+        records = await _collect(pipeline, rows)
+        stats = pipeline.statistics()
+    assert len(records) == 6 and stats.failures == 1
+    assert stats.from_spool == 3 and stats.read == 3
+    assert stats.in_flight == 0
+
+
+async def test_the_spool_backlog_is_empty_once_the_judge_read_everything(tmp_path: Path) -> None:
+    """An unreadable spool line (skipped with a warning) is read all the same: the backlog
+    gauge ends at 0, not at the number of such lines."""
+    config = sim_config(source={"path": "-", "id_column": "id"})
+    spool = tmp_path / "spool.ndjson"
+    spool.write_bytes(b'{"not a spool line": \n')
+    async with Pipeline(
+        config, failures_path=str(tmp_path / "f.ndjson"), spool_path=str(spool)
+    ) as pipeline:
+        records = await _collect(pipeline, _prompts(5))
+        stats = pipeline.statistics()
+    assert len(records) == 5 and stats.spool_backlog == 0

@@ -129,6 +129,25 @@ def test_a_model_that_never_answered_and_failed_alike_leaves_the_run() -> None:
     assert pool.exhausted is None
 
 
+class _RestartingEngine(FakeEngine):
+    """An engine that replaces its own dead worker (as the vLLM backend does) until `gone`."""
+
+    gone = False
+
+
+def test_an_engine_that_restarts_its_worker_leaves_only_when_it_says_it_is_gone() -> None:
+    configs = {g.label: g for g in sim_config().generators}
+    engines = {n: _RestartingEngine(n, lambda r: "x") for n in POOL}
+    pool = Pool(engines, configs, need=3)
+    for _ in range(40):  # its worker died on the first batch, before any answer: restarting
+        pool.failed("alpha", EngineUnavailable("alpha", "the worker exited with code 3"))
+    assert pool.gone("alpha") is None, "its restarts are still to come"
+    engines["alpha"].gone = True
+    pool.failed("alpha", EngineUnavailable("alpha", "the worker exited with code 3"))
+    assert "gone for good" in (pool.gone("alpha") or "")
+    assert "alpha" not in pool.available(3)
+
+
 def test_too_few_models_left_for_a_record_stops_the_run() -> None:
     pool = _pool()
     for name in ("alpha", "bravo", "charlie"):
