@@ -436,7 +436,7 @@ def check_environment(config: Config, origin: str = "<config>") -> None:
         )
     rater = config.rater
     if rater.guided and rater.backend == "openai":
-        url = rater.base_url or os.environ.get("OPENAI_BASE_URL") or ""
+        url = base_url(rater) or ""
         if not url or "api.openai.com" in url:
             raise ConfigError(
                 origin,
@@ -526,17 +526,21 @@ def _split_validation_error(text: str) -> tuple[str | None, str]:
     return (path or None), message
 
 
+def base_url(engine: EngineConfig) -> str | None:
+    """Where an OpenAI-compatible engine sends requests: its `base_url`, else
+    `OPENAI_BASE_URL` as the OpenAI SDK reads it; None for the OpenAI API itself."""
+    return engine.base_url or os.environ.get("OPENAI_BASE_URL", "").strip() or None
+
+
 def _openai_defaults(config: Config) -> Config:
     """`OPENAI_BASE_URL` where an OpenAI-compatible section gives no `base_url`, as the
     OpenAI SDK does (its key then comes from OPENAI_API_KEY when set, see `api_key`)."""
-    url = os.environ.get("OPENAI_BASE_URL", "").strip()
-    if not url:
-        return config
 
     def fill(engine: _E) -> _E:
         if engine.backend != "openai" or engine.base_url is not None:
             return engine
-        return msgspec.structs.replace(engine, base_url=url)
+        url = base_url(engine)
+        return engine if url is None else msgspec.structs.replace(engine, base_url=url)
 
     return msgspec.structs.replace(
         config, generators=[fill(g) for g in config.generators], rater=fill(config.rater)

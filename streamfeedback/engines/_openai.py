@@ -45,7 +45,7 @@ import anyio
 import msgspec
 import yarl
 
-from .._config import EngineConfig
+from .._config import EngineConfig, base_url
 from .._exceptions import (
     EngineBusy,
     EngineError,
@@ -154,7 +154,7 @@ class OpenAIEngine:
     ) -> None:
         self.name = name
         self.config = config
-        base = config.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+        base = base_url(config) or DEFAULT_BASE_URL
         self.base_url = _shown(base.rstrip("/"))
         """The endpoint as messages and logs name it: a password in the URL is masked."""
         self.limiter = limiter or RateLimiter(
