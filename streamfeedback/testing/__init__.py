@@ -1,7 +1,6 @@
 """Test helpers: an OpenAI-compatible server and handler builders (see `openai_server`).
 
-Loaded lazily, so `python -m streamfeedback.testing.openai_server` does not import the module
-twice, and nothing here costs the package's import time.
+Loaded lazily, so importing `streamfeedback.testing` costs nothing until a helper is used.
 """
 
 from __future__ import annotations
