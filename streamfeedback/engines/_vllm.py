@@ -383,7 +383,10 @@ class VLLMEngine:
                         while True:
                             message = await self._receive(process)
                             if isinstance(message, Fatal):
+                                # vLLM's engine died: fail what is in flight now, not after
+                                # the worker's seconds-long vLLM shutdown.
                                 fatal.append(message.message)
+                                self._die(message.message)
                             elif isinstance(message, Result | Failed):
                                 self._deliver(message)
                     except (
