@@ -219,7 +219,7 @@ async def test_vllm_replicas_see_the_gpus_ray_assigned(cluster: Any, vllm_log: P
 
 
 async def test_replicas_share_the_load_within_their_bound(cluster: Any) -> None:
-    engine = RayEngine("shared", _config(replicas=3, max_concurrency=40, sim_ttft=0.02), CLUSTER)
+    engine = RayEngine("shared", _config(replicas=3, max_concurrency=40, sim_ttft=0.3), CLUSTER)
     await engine.start()
     texts: dict[int, str] = {}
     try:

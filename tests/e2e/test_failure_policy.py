@@ -119,11 +119,14 @@ async def test_a_judge_answering_401_stops_the_run_and_a_rerun_does_not_regenera
 
 async def test_a_long_spell_of_429s_slows_the_run_but_fails_nothing(tmp_path: Path) -> None:
     judge = judge_handler(untidy=0.0, broken=0.0)
-    spell_ends = time.monotonic() + 3.0
+    spell_ends: list[float] = []  # 3 s from the judge's first request, however slow the start
 
     async def handler(request: Request) -> Reply:
-        if request.model == JUDGE and time.monotonic() < spell_ends:
-            return Reply.failure(429, "Rate limit reached", retry_after=0.2)
+        if request.model == JUDGE:
+            if not spell_ends:
+                spell_ends.append(time.monotonic() + 3.0)
+            if time.monotonic() < spell_ends[0]:
+                return Reply.failure(429, "Rate limit reached", retry_after=0.2)
         return await judge(request)
 
     async with OpenAIServer(handler) as server:

@@ -36,7 +36,8 @@ async def test_progress_draws_in_place_on_a_terminal_and_never_on_stdout(
     frames = [f for f in text.split("\r\x1b[K") if f]
     assert frames, "at least one frame was drawn"
     last = frames[-1]
-    assert "records" in last and "/s" in last and "in flight alpha:" in last
+    assert "records" in last and "/s" in last
+    assert any("in flight alpha:" in f for f in frames), "engines show while they generate"
     assert "judge" in last and "of 600" in last
     assert "ETA" in text
     assert text.endswith("\r\x1b[K"), "the line is cleared at the end"
