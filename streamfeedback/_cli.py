@@ -520,7 +520,7 @@ async def _run(args: argparse.Namespace, held: list[int]) -> int:
             raise unwrap_group(group) from None
     except (EngineUnavailable, JudgeUnavailable, PoolUnavailable) as exc:
         log.error("%s", exc)
-        exit_code = EXIT_FAILURES if isinstance(exc, EngineUnavailable) else EXIT_USAGE
+        exit_code = EXIT_USAGE  # an engine that cannot start, a judge or pool at a dead end
     except FileBusy:
         raise
     except SinkError as exc:

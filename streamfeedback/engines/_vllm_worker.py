@@ -16,6 +16,10 @@ misreading it. Conversation:
                                     <-  Result(id, completion) | Failed(id, kind, message)
     Shutdown | end of stdin         ->  cancel everything, engine.shutdown(), exit 0
 
+A parent that dies without a word (kill -9, the OOM killer) is noticed by a watchdog thread,
+also while the engine loads and the event loop is blocked: it kills the worker's process group
+(vLLM's engine core included), so no GPU stays held by an orphan.
+
 This module imports vllm only inside `main()`'s engine build: the parent imports it for the
 message types and must never pull vllm (or CUDA) in. The worker runs plain asyncio, not anyio
 cancel scopes: vLLM's generators are asyncio-native and clean up (abort the request) on a single
@@ -30,7 +34,9 @@ import gc
 import inspect
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -409,10 +415,23 @@ async def _serve(proto_in: int, proto_out: int) -> int:
             await writer.wait_closed()
 
 
+def _die_with_parent(parent: int) -> None:
+    """Poll the parent pid: once this process is re-parented, its parent is gone."""
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            if os.getpgrp() == os.getpid():  # our own group (the parent starts a new session)
+                os.killpg(os.getpid(), signal.SIGKILL)
+            os._exit(1)
+
+
 def main() -> int:
     """Entry point of the child. First thing: take fds 0 and 1 for the protocol and point the
     real stdin/stdout elsewhere, so nothing vLLM (or a library it loads) prints can corrupt a
     frame, and nothing it reads can steal one. Its logs go to stderr, which is inherited."""
+    threading.Thread(
+        target=_die_with_parent, args=(os.getppid(),), name="parent-watchdog", daemon=True
+    ).start()
     proto_in = os.dup(0)
     proto_out = os.dup(1)
     os.dup2(2, 1)

@@ -10,8 +10,11 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
+
+import pytest
 
 from ..helpers import decode_lines
 
@@ -116,3 +119,93 @@ def test_engine_logs_go_beside_a_file_output(tmp_path: Path) -> None:
     assert f"log: {log}" in stderr
     assert "INFO fake vllm: added request" in log.read_text()
     assert "fake vllm" not in stderr and "go to" not in stderr
+
+
+def test_a_generator_that_cannot_start_stops_the_run_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "prompts.jsonl").write_text('{"id": "q0", "instruction": "Hi?"}\n')
+    config = tmp_path / "run.toml"
+    config.write_text(
+        '[source]\npath = "prompts.jsonl"\nid_column = "id"\n[routing]\nn = 1\n'
+        '[[generators]]\nname = "big"\nbackend = "vllm"\nmodel = "org/m"\ngpu = 3\n'
+        '[[generators]]\nname = "small"\nbackend = "sim"\nmodel = "s"\n'
+        '[rater]\nbackend = "sim"\nmodel = "judge"\n'
+    )
+    fake_log = tmp_path / "vllm.log"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(FAKE), os.environ.get("PYTHONPATH")])),
+        "FAKE_VLLM_LOG": str(fake_log),
+        "FAKE_VLLM_FAIL_START": "CUDA out of memory: 79.1 GiB in use",
+    }
+    out = tmp_path / "out.ndjson"
+    result = subprocess.run(
+        [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(out)],
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert "Traceback" not in stderr and not result.stdout
+    errors = [line for line in stderr.splitlines() if "error" in line]
+    assert len(errors) == 1, stderr
+    assert "big" in errors[0] and "'org/m' on GPU 3" in errors[0], errors
+    assert "CUDA out of memory" in errors[0] and "big.log" in errors[0], errors
+    assert not out.exists() or out.read_bytes() == b""
+    pids = {json.loads(line)["pid"] for line in fake_log.read_text().splitlines()}
+    assert pids and not any(_alive(pid) for pid in pids), "no worker outlives the run"
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for init, which may never reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_run_killed_while_engines_load_leaves_no_worker_behind(tmp_path: Path) -> None:
+    (tmp_path / "prompts.jsonl").write_text('{"id": "q0", "instruction": "Hi?"}\n')
+    config = tmp_path / "run.toml"
+    config.write_text(
+        '[source]\npath = "prompts.jsonl"\nid_column = "id"\n[routing]\nn = 1\n'
+        '[[generators]]\nname = "slow"\nbackend = "vllm"\nmodel = "org/m"\ngpu = 0\n'
+        '[rater]\nbackend = "sim"\nmodel = "judge"\n'
+    )
+    fake_log = tmp_path / "vllm.log"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(FAKE), os.environ.get("PYTHONPATH")])),
+        "FAKE_VLLM_LOG": str(fake_log),
+        "FAKE_VLLM_BUILD_DELAY": "120",
+        "FAKE_VLLM_CORE": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(tmp_path / "o")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and '"core"' not in _read(fake_log):
+            time.sleep(0.05)
+        events = [json.loads(line) for line in _read(fake_log).splitlines()]
+        cores = [e for e in events if e["event"] == "core"]
+        assert cores, "the worker started loading"
+        worker, core = cores[0]["pid"], cores[0]["core"]
+        assert _running(worker) and _running(core)
+    finally:
+        proc.kill()  # SIGKILL: the parent says nothing to its workers
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while (_running(worker) or _running(core)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(worker), "the loading worker outlived its parent"
+    assert not _running(core), "the worker's engine core outlived it"
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""

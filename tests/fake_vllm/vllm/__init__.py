@@ -13,6 +13,8 @@ Observable through environment variables, read when used:
     FAKE_VLLM_DELAY        seconds each request takes (so tests can see many in flight)
     FAKE_VLLM_BUILD_DELAY  seconds `from_engine_args` takes (weights loading)
     FAKE_VLLM_FAIL_START   raise RuntimeError with this text from `from_engine_args`
+    FAKE_VLLM_CORE         `from_engine_args` starts a child process (like vLLM's engine
+                           core) and logs its pid as a "core" event
     FAKE_VLLM_DIE_AFTER    os._exit(3) when the N-th request arrives (a crashed worker)
     FAKE_VLLM_DEAD_AFTER   the N-th request raises EngineDeadError (vLLM's engine core died)
     FAKE_VLLM_SYNC_TOKENIZER  `get_tokenizer()` returns the tokenizer (newer vLLM) instead of
@@ -26,6 +28,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import time
 import zlib
@@ -153,6 +156,13 @@ class AsyncLLMEngine:
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
             args=dataclasses.asdict(engine_args),
         )
+        if os.environ.get("FAKE_VLLM_CORE"):
+            core = subprocess.Popen(
+                [sys.executable, "-c", "import time; time.sleep(600)"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )
+            log("core", core=core.pid)
         sys.stdout.write("INFO fake vllm: loading weights (must not reach the protocol)\n")
         sys.stdout.flush()
         os.write(1, b"raw bytes on fd 1 from a C extension\n")
