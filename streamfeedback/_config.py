@@ -456,6 +456,15 @@ def check_environment(config: Config, origin: str = "<config>") -> None:
     for where, engine in _engine_sections(config):
         if engine.backend != "openai":
             continue
+        for env, _ in OPENAI_HEADER_VARS:
+            value = os.environ.get(env, "").strip()
+            if value and not header_safe(value):
+                raise ConfigError(
+                    origin,
+                    f"{where}.backend",
+                    f"environment variable {env} holds a character an HTTP header cannot "
+                    "carry (not printable ASCII, or a space); check how it was set",
+                )
         var = api_key_env(engine)
         key = api_key(engine)
         if var is None and key == "EMPTY":
@@ -475,6 +484,10 @@ def check_environment(config: Config, origin: str = "<config>") -> None:
                 f"environment variable {shown} holds a character an API key cannot have "
                 "(not printable ASCII, or a space); check how it was set",
             )
+
+
+OPENAI_HEADER_VARS = (("OPENAI_ORG_ID", "OpenAI-Organization"), ("OPENAI_PROJECT_ID", "OpenAI-Project"))
+"""The OpenAI SDK's own variables and the headers it sends them in; the engines send them too."""
 
 
 def header_safe(key: str) -> bool:

@@ -45,7 +45,7 @@ import anyio
 import msgspec
 import yarl
 
-from .._config import EngineConfig, base_url
+from .._config import OPENAI_HEADER_VARS, EngineConfig, base_url
 from .._exceptions import (
     EngineBusy,
     EngineError,
@@ -73,7 +73,6 @@ connections_logger = logging.getLogger("streamfeedback.connections")
 
 _CONNECT_TIMEOUT = 10.0
 """Seconds to open a connection: a host that takes longer is not serving us."""
-_SDK_HEADERS = (("OPENAI_ORG_ID", "OpenAI-Organization"), ("OPENAI_PROJECT_ID", "OpenAI-Project"))
 _MAX_RETRY_AFTER = 120.0
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?)(ms|h|m|s)")
 
@@ -209,7 +208,7 @@ class OpenAIEngine:
             "Content-Type": "application/json",
             "User-Agent": "streamfeedback",
         }
-        for env, header in _SDK_HEADERS:  # the SDK's own variables, sent as the SDK does
+        for env, header in OPENAI_HEADER_VARS:  # the SDK's own variables, sent as the SDK does
             if os.environ.get(env):
                 headers[header] = os.environ[env].strip()
         # A connection kept per request in flight, so a busy engine never reopens them; the

@@ -108,6 +108,25 @@ def test_an_api_key_no_header_can_carry_exits_2_naming_the_variable_not_the_valu
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("var", ["OPENAI_ORG_ID", "OPENAI_PROJECT_ID"])
+def test_an_org_or_project_id_no_header_can_carry_exits_2_naming_it(
+    tmp_path: Path, var: str
+) -> None:
+    config = _config(
+        tmp_path,
+        rater=f'backend = "openai"\nbase_url = "http://127.0.0.1:9/v1"\napi_key_env = "{KEY_VAR}"',
+    )
+    config.write_text(config.read_text().replace('[rater]\nbackend = "sim"\n', "[rater]\n"))
+    value = "org-caf\u00e9-42"
+    for args in (("validate", str(config)), ("run", str(config), "-o", str(tmp_path / "o"))):
+        result = _sf(*args, env={KEY_VAR: "sk-fine-0123456789", var: value})
+        stderr = result.stderr.decode()
+        assert result.returncode == 2, stderr
+        assert var in stderr and "rater" in stderr and stderr.count("\n") == 1, stderr
+        assert value not in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
