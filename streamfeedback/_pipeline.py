@@ -493,6 +493,8 @@ class Pipeline:
                     failures.clone(),
                     state_path=self.batch_state_path,
                     done=self.skip_ids,
+                    stopping=self.stopping,
+                    pass_over=self.spool is not None,
                 ),
                 name="batch-rating",
             )

@@ -41,7 +41,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Container
+from collections.abc import Callable, Container
 
 import anyio
 import anyio.to_thread
@@ -86,16 +86,24 @@ async def run(
     state_path: str,
     done: Container[str] = (),
     max_pending: int = MAX_PENDING,
+    stopping: Callable[[], bool] = lambda: False,
+    pass_over: bool = False,
 ) -> None:
     """Rate everything from `joined` through batches; closes `records` and `failures` at the end.
 
     `done` holds prompts already in the output: a resumed batch emits nothing for them.
+    Once `stopping()`, no batch is submitted and none is waited for: batches still running
+    stay in the state file, and the next run collects them. With `pass_over` (a spool keeps
+    them for a rerun), prompts that arrive after the stop are passed over; without, they are
+    submitted, as their responses exist nowhere else.
 
     :raises JudgeUnavailable: no key, a wrong key or URL (401/403/404), a batch that failed
         validation, or the API unreachable for too long.
     """
     async with joined, records, failures:
-        rater = _BatchRater(judge, records, failures, state_path, done, max_pending)
+        rater = _BatchRater(
+            judge, records, failures, state_path, done, max_pending, stopping, pass_over
+        )
         try:
             await rater.start()
             async with anyio.create_task_group() as tg:
@@ -149,6 +157,8 @@ class _BatchRater:
         state_path: str,
         done: Container[str],
         max_pending: int,
+        stopping: Callable[[], bool],
+        pass_over: bool,
     ) -> None:
         self.judge = judge
         self.config = judge.config
@@ -163,6 +173,8 @@ class _BatchRater:
         self.builder: Builder | None = None
         self.last_input = time.monotonic()
         self._encoder = msgspec.json.Encoder()
+        self.stopping = stopping
+        self.pass_over = pass_over
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -189,6 +201,8 @@ class _BatchRater:
             async for item in joined:
                 self.last_input = time.monotonic()
                 pid = item.prompt.id
+                if self.pass_over and self.stopping():
+                    continue  # in the spool: a rerun submits it
                 if pid in self.covered:
                     log.debug("%s is in a resumed batch; not submitted again", pid)
                     continue
@@ -216,7 +230,7 @@ class _BatchRater:
                     self.builder = self.store.builder()
                 self.builder.add(self._encoder.encode(entry) + b"\n", lines, requests, 1)
             timers.cancel_scope.cancel()
-        if self.builder is not None:
+        if self.builder is not None and not (self.pass_over and self.stopping()):
             await self.slots.take()
             self._launch(tg)
 
@@ -226,6 +240,7 @@ class _BatchRater:
             await anyio.sleep(max(idle / 4, 0.01))
             if (
                 self.builder is not None
+                and not (self.pass_over and self.stopping())
                 and time.monotonic() - self.last_input >= idle
                 and self.slots.try_take()
             ):
@@ -256,6 +271,13 @@ class _BatchRater:
                 pending = await self._submit(builder, replaces=None)
             while pending is not None:
                 batch = await self._wait(pending)
+                if batch is None:
+                    log.info(
+                        "batch %s is left running at %s: the same command collects it",
+                        pending.id,
+                        self.base_url,
+                    )
+                    return
                 pending = await self._finish(pending, batch)
         finally:
             self.slots.give()
@@ -366,8 +388,9 @@ class _BatchRater:
             )
             return None
 
-    async def _wait(self, pending: Pending) -> BatchStatus:
-        """Poll until the batch ends; passing API errors are logged and polled through."""
+    async def _wait(self, pending: Pending) -> BatchStatus | None:
+        """Poll until the batch ends (None: the run stopped first); passing API errors are
+        logged and polled through."""
         status = None
         errors = 0
         while True:
@@ -395,7 +418,18 @@ class _BatchRater:
                     )
                 if batch.ended:
                     return batch
-            await anyio.sleep(self.config.batch_poll_interval)
+            if await self._stopped_within(self.config.batch_poll_interval):
+                return None
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        """Sleep `seconds`, cut short by a stop (a batch may take hours); whether it was."""
+        until = time.monotonic() + seconds
+        while not self.stopping():
+            left = until - time.monotonic()
+            if left <= 0:
+                return False
+            await anyio.sleep(min(left, 0.2))
+        return True
 
     async def _finish(self, pending: Pending, batch: BatchStatus) -> Pending | None:
         """Emit what an ended batch settled; returns the follow-up batch of re-asks, if any."""
@@ -485,7 +519,9 @@ class _BatchRater:
                 pending.id,
                 self.config.batch_poll_interval,
             )
-            await anyio.sleep(self.config.batch_poll_interval)
+            if await self._stopped_within(self.config.batch_poll_interval):
+                log.info("batch %s: the same command submits it again", pending.id)
+                return None
             creating = msgspec.structs.replace(
                 pending, id="", submitted_at=time.time(), token=new_token()
             )

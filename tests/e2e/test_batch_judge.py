@@ -176,3 +176,41 @@ async def test_a_run_killed_while_creating_a_batch_adopts_it_on_rerun(tmp_path: 
     assert sorted(r.id for r in records) == [f"q{i:03d}" for i in range(5)]
     assert "created just before the last run stopped" in result.stderr.decode()
     _assert_key_nowhere(tmp_path, result.stdout, result.stderr)
+
+
+async def test_ctrl_c_leaves_running_batches_to_the_rerun_at_once(tmp_path: Path) -> None:
+    judge = judge_handler(untidy=0.0, broken=0.0, seed=6)
+    async with OpenAIServer(judge, api_key=KEY, batch_delay=600) as server:
+        config = _config(tmp_path, server.base_url, 12)
+        # A batch may take hours: the stop must not wait out a drain timeout for it.
+        config.write_text(config.read_text() + "[pipeline]\ndrain_timeout = 600\n")
+        out = tmp_path / "out.ndjson"
+        with anyio.fail_after(60):
+            async with await anyio.open_process(
+                _command(config, out), env=_env(), cwd=tmp_path
+            ) as process:
+                await _until_pending(tmp_path, 12)
+                process.send_signal(signal.SIGINT)
+                assert process.stderr is not None
+                stderr = b"".join([chunk async for chunk in process.stderr]).decode()
+                code = await process.wait()
+        assert code == 130, stderr
+        assert "Traceback" not in stderr
+        assert "left running" in stderr and "the same command collects it" in stderr, stderr
+        assert "drain timeout" not in stderr, "it did not wait for the batches"
+        submitted = dict(server.batches)
+        assert submitted and all(b.status == "validating" for b in submitted.values())
+
+        server.batch_delay = 0.02
+        with anyio.fail_after(60):
+            result = await anyio.run_process(
+                _command(config, out), env=_env(), cwd=tmp_path, check=False
+            )
+        assert result.returncode == 0, result.stderr.decode()
+        assert server.batches.keys() == submitted.keys(), "the same batches, collected"
+    records = decode_lines(out.read_bytes())
+    assert sorted(r.id for r in records) == [f"q{i:03d}" for i in range(12)]
+    for record in records:
+        for text, rating in zip(record.generations, record.ratings, strict=True):
+            assert rating is None or rating == rating_for(text)
+    assert _pending_prompts(tmp_path) == 0
