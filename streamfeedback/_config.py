@@ -421,6 +421,13 @@ def _check_guided(config: Config, origin: str) -> None:
             )
 
 
+OPENAI_HEADER_VARS = (
+    ("OPENAI_ORG_ID", "OpenAI-Organization"),
+    ("OPENAI_PROJECT_ID", "OpenAI-Project"),
+)
+"""The OpenAI SDK's own variables and the headers it sends them in; the engines send them too."""
+
+
 def check_environment(config: Config, origin: str = "<config>") -> None:
     """Check that every API-key variable the config names is set, that the extras the
     config needs are installed, and that a guided judge can be guided, before any work starts.
@@ -484,10 +491,6 @@ def check_environment(config: Config, origin: str = "<config>") -> None:
                 f"environment variable {shown} holds a character an API key cannot have "
                 "(not printable ASCII, or a space); check how it was set",
             )
-
-
-OPENAI_HEADER_VARS = (("OPENAI_ORG_ID", "OpenAI-Organization"), ("OPENAI_PROJECT_ID", "OpenAI-Project"))
-"""The OpenAI SDK's own variables and the headers it sends them in; the engines send them too."""
 
 
 def header_safe(key: str) -> bool:

@@ -153,3 +153,33 @@ def test_ctrl_c_while_the_engines_load_stops_within_seconds(
     assert took < 20, f"took {took:.1f}s to stop"  # a generous bound against hangs
     leftovers = subprocess.run(["pgrep", "-f", str(tiny_model_path)], capture_output=True)
     assert not leftovers.stdout.strip(), "no vLLM process is left"
+
+
+def test_a_run_killed_while_the_engines_load_leaves_no_vllm_process(
+    tiny_model_path: Path, tmp_path: Path
+) -> None:
+    gens = "[[generators]]\n" + _engine("m0", tiny_model_path, 0)
+    config = _write(
+        tmp_path, 5, f'[routing]\nn = 1\n{gens}[rater]\nbackend = "sim"\nmodel = "judge"\n'
+    )
+    out = tmp_path / "out.ndjson"
+    with subprocess.Popen(
+        [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        deadline = time.monotonic() + 300
+        worker = None
+        while worker is None or len(group_members(worker)) < 2:  # vLLM's engine core is up
+            assert time.monotonic() < deadline, "the worker never started its engine core"
+            found = subprocess.run(
+                ["pgrep", "-P", str(proc.pid), "-f", "_vllm_worker"], capture_output=True
+            ).stdout.split()
+            worker = int(found[0]) if found else None
+            time.sleep(0.05)
+        proc.kill()  # SIGKILL: the run tells its worker nothing
+        proc.wait()
+    killed = time.monotonic()
+    while group_members(worker) and time.monotonic() - killed < 10:
+        time.sleep(0.1)
+    assert not group_members(worker), "the orphaned worker and its engine core must go"
