@@ -115,7 +115,8 @@ class PipelineCollector(Collector):
         yield from (in_flight, requests, failures, tokens, seconds)
         yield CounterMetricFamily(
             "streamfeedback_judge_requests",
-            "Judge requests sent (re-asks included).",
+            "Judge requests made (re-asks included; counted when handed to the judge's "
+            "engine, so those waiting on its rate limit count, and HTTP retries do not).",
             value=s.judge_requests,
         )
         yield CounterMetricFamily(

@@ -250,7 +250,7 @@ class Judge:
     def request(self, joined: Joined, aspect: str, attempt: int) -> ChatRequest:
         """The request for one aspect of one prompt; its id is `custom_id(...)`.
 
-        Counted in `statistics()` as sent (a re-ask when `attempt > 1`).
+        Counted in `statistics()` as made (a re-ask when `attempt > 1`), before any rate limit.
         """
         n = len(joined.generations)
         order = self.order(joined.prompt.id, aspect, n)
