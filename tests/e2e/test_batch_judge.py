@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import anyio
 import pytest
 
+from streamfeedback import Record
 from streamfeedback.testing import OpenAIServer, judge_handler, rating_for
 
 from ..helpers import decode_lines
@@ -54,6 +56,14 @@ def _env() -> dict[str, str]:
     return {**os.environ, ENV: KEY}
 
 
+async def _run(config: Path, out: Path, limit: float = 60) -> subprocess.CompletedProcess[bytes]:
+    """The run, to its end, in the config's folder."""
+    with anyio.fail_after(limit):
+        return await anyio.run_process(
+            _command(config, out), env=_env(), cwd=config.parent, check=False
+        )
+
+
 def _pending_prompts(folder: Path) -> int:
     """Prompts in the created batches of the run's state file (none before it exists)."""
     total = 0
@@ -69,6 +79,13 @@ async def _until_pending(folder: Path, prompts: int) -> None:
         await anyio.sleep(0.02)
 
 
+def _assert_aligned(records: list[Record]) -> None:
+    """Every rating is its own response's (or null): none shifted onto another."""
+    for record in records:
+        for text, rating in zip(record.generations, record.ratings, strict=True):
+            assert rating is None or rating == rating_for(text)
+
+
 def _assert_key_nowhere(tmp_path: Path, *outputs: bytes) -> None:
     for data in outputs:
         assert KEY.encode() not in data
@@ -82,10 +99,7 @@ async def test_batch_mode_through_the_cli(tmp_path: Path) -> None:
     async with OpenAIServer(judge, api_key=KEY, batch_delay=0.02) as server:
         config = _config(tmp_path, server.base_url, 40)
         out = tmp_path / "out.ndjson"
-        with anyio.fail_after(120):
-            result = await anyio.run_process(
-                _command(config, out), env=_env(), cwd=tmp_path, check=False
-            )
+        result = await _run(config, out, limit=120)
         batches = list(server.batches.values())
         lines = [len(server.files[b.input_file_id].data.splitlines()) for b in batches]
     stderr = result.stderr.decode()
@@ -127,18 +141,13 @@ async def test_a_crashed_batch_run_resumes_its_batches(tmp_path: Path) -> None:
         assert not out.exists() or out.read_bytes() == b""
 
         server.batch_delay = 0.02
-        with anyio.fail_after(60):
-            result = await anyio.run_process(
-                _command(config, out), env=_env(), cwd=tmp_path, check=False
-            )
+        result = await _run(config, out)
         assert result.returncode == 0, result.stderr.decode()
         assert server.batches.keys() == submitted.keys(), "no new batch: the old ones resumed"
         assert all(b.status == "completed" for b in server.batches.values())
     records = decode_lines(out.read_bytes())
     assert sorted(r.id for r in records) == [f"q{i:03d}" for i in range(12)]
-    for record in records:
-        for text, rating in zip(record.generations, record.ratings, strict=True):
-            assert rating is None or rating == rating_for(text)
+    _assert_aligned(records)
     assert "resuming" in result.stderr.decode()
     assert "0 tokens generated" in result.stderr.decode(), "covered prompts are not generated"
     assert _pending_prompts(tmp_path) == 0
@@ -164,10 +173,7 @@ async def test_a_run_killed_while_creating_a_batch_adopts_it_on_rerun(tmp_path: 
                 await process.wait()
         made = list(server.batches)
         server.create_hold = 0
-        with anyio.fail_after(60):
-            result = await anyio.run_process(
-                _command(config, out), env=_env(), cwd=tmp_path, check=False
-            )
+        result = await _run(config, out)
         assert result.returncode == 0, result.stderr.decode()
         assert list(server.batches)[: len(made)] == made
         inputs = [b.input_file_id for b in server.batches.values()]
@@ -202,15 +208,10 @@ async def test_ctrl_c_leaves_running_batches_to_the_rerun_at_once(tmp_path: Path
         assert submitted and all(b.status == "validating" for b in submitted.values())
 
         server.batch_delay = 0.02
-        with anyio.fail_after(60):
-            result = await anyio.run_process(
-                _command(config, out), env=_env(), cwd=tmp_path, check=False
-            )
+        result = await _run(config, out)
         assert result.returncode == 0, result.stderr.decode()
         assert server.batches.keys() == submitted.keys(), "the same batches, collected"
     records = decode_lines(out.read_bytes())
     assert sorted(r.id for r in records) == [f"q{i:03d}" for i in range(12)]
-    for record in records:
-        for text, rating in zip(record.generations, record.ratings, strict=True):
-            assert rating is None or rating == rating_for(text)
+    _assert_aligned(records)
     assert _pending_prompts(tmp_path) == 0

@@ -46,6 +46,16 @@ def _sf(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
+def _openai_judge_config(tmp_path: Path) -> Path:
+    """A config whose judge is OpenAI-compatible, its key in KEY_VAR (nothing listens)."""
+    config = _config(
+        tmp_path,
+        rater=f'backend = "openai"\nbase_url = "http://127.0.0.1:9/v1"\napi_key_env = "{KEY_VAR}"',
+    )
+    config.write_text(config.read_text().replace('[rater]\nbackend = "sim"\n', "[rater]\n"))
+    return config
+
+
 BAD_VALUES = [
     ({"rater": "temperature = nan"}, "rater", "temperature"),
     ({"rater": "temperature = -0.5"}, "rater", "temperature"),
@@ -94,11 +104,7 @@ def test_a_generator_value_names_its_table(tmp_path: Path) -> None:
 def test_an_api_key_no_header_can_carry_exits_2_naming_the_variable_not_the_value(
     tmp_path: Path, value: str
 ) -> None:
-    config = _config(
-        tmp_path,
-        rater=f'backend = "openai"\nbase_url = "http://127.0.0.1:9/v1"\napi_key_env = "{KEY_VAR}"',
-    )
-    config.write_text(config.read_text().replace('[rater]\nbackend = "sim"\n', "[rater]\n"))
+    config = _openai_judge_config(tmp_path)
     for args in (("validate", str(config)), ("run", str(config), "-o", str(tmp_path / "o"))):
         result = _sf(*args, env={KEY_VAR: value})
         stderr = result.stderr.decode()
@@ -112,11 +118,7 @@ def test_an_api_key_no_header_can_carry_exits_2_naming_the_variable_not_the_valu
 def test_an_org_or_project_id_no_header_can_carry_exits_2_naming_it(
     tmp_path: Path, var: str
 ) -> None:
-    config = _config(
-        tmp_path,
-        rater=f'backend = "openai"\nbase_url = "http://127.0.0.1:9/v1"\napi_key_env = "{KEY_VAR}"',
-    )
-    config.write_text(config.read_text().replace('[rater]\nbackend = "sim"\n', "[rater]\n"))
+    config = _openai_judge_config(tmp_path)
     value = "org-caf\u00e9-42"
     for args in (("validate", str(config)), ("run", str(config), "-o", str(tmp_path / "o"))):
         result = _sf(*args, env={KEY_VAR: "sk-fine-0123456789", var: value})

@@ -30,6 +30,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _one_prompt(tmp_path: Path, generators: str) -> Path:
+    """A config of one prompt, `generators` (TOML tables) and a simulated judge."""
+    (tmp_path / "prompts.jsonl").write_text('{"id": "q0", "instruction": "Hi?"}\n')
+    config = tmp_path / "run.toml"
+    config.write_text(
+        '[source]\npath = "prompts.jsonl"\nid_column = "id"\n[routing]\nn = 1\n'
+        f'{generators}[rater]\nbackend = "sim"\nmodel = "judge"\n'
+    )
+    return config
+
+
+def _fake_env(**extra: str) -> dict[str, str]:
+    """The environment of a run whose workers import the stand-in vllm."""
+    path = os.pathsep.join(filter(None, [str(FAKE), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def _run(config: Path, out: Path, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(out)],
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+
+
 def test_six_vllm_generators_on_six_gpus(tmp_path: Path) -> None:
     with (tmp_path / "prompts.jsonl").open("w") as fh:
         for i in range(240):
@@ -45,12 +71,7 @@ def test_six_vllm_generators_on_six_gpus(tmp_path: Path) -> None:
         f'{gens}[rater]\nbackend = "sim"\nmodel = "judge"\n'
     )
     log = tmp_path / "vllm.log"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(FAKE), os.environ.get("PYTHONPATH")])),
-        "FAKE_VLLM_LOG": str(log),
-        "FAKE_VLLM_DELAY": "0.3",
-    }
+    env = _fake_env(FAKE_VLLM_LOG=str(log), FAKE_VLLM_DELAY="0.3")
     result = subprocess.run(
         [sys.executable, "-m", "streamfeedback", "run", str(config)],
         capture_output=True,
@@ -95,24 +116,10 @@ def test_six_vllm_generators_on_six_gpus(tmp_path: Path) -> None:
 
 
 def test_engine_logs_go_beside_a_file_output(tmp_path: Path) -> None:
-    (tmp_path / "prompts.jsonl").write_text('{"id": "q0", "instruction": "Hi?"}\n')
-    config = tmp_path / "run.toml"
-    config.write_text(
-        '[source]\npath = "prompts.jsonl"\nid_column = "id"\n[routing]\nn = 1\n'
-        '[[generators]]\nname = "only"\nbackend = "vllm"\nmodel = "org/m"\ngpu = 0\n'
-        '[rater]\nbackend = "sim"\nmodel = "judge"\n'
+    config = _one_prompt(
+        tmp_path, '[[generators]]\nname = "only"\nbackend = "vllm"\nmodel = "org/m"\ngpu = 0\n'
     )
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(FAKE), os.environ.get("PYTHONPATH")])),
-    }
-    out = tmp_path / "out.ndjson"
-    result = subprocess.run(
-        [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(out)],
-        capture_output=True,
-        env=env,
-        timeout=120,
-    )
+    result = _run(config, tmp_path / "out.ndjson", _fake_env())
     stderr = result.stderr.decode()
     assert result.returncode == 0, stderr
     log = tmp_path / "out.ndjson.logs" / "only.log"
@@ -122,28 +129,17 @@ def test_engine_logs_go_beside_a_file_output(tmp_path: Path) -> None:
 
 
 def test_a_generator_that_cannot_start_stops_the_run_with_one_line(tmp_path: Path) -> None:
-    (tmp_path / "prompts.jsonl").write_text('{"id": "q0", "instruction": "Hi?"}\n')
-    config = tmp_path / "run.toml"
-    config.write_text(
-        '[source]\npath = "prompts.jsonl"\nid_column = "id"\n[routing]\nn = 1\n'
+    config = _one_prompt(
+        tmp_path,
         '[[generators]]\nname = "big"\nbackend = "vllm"\nmodel = "org/m"\ngpu = 3\n'
-        '[[generators]]\nname = "small"\nbackend = "sim"\nmodel = "s"\n'
-        '[rater]\nbackend = "sim"\nmodel = "judge"\n'
+        '[[generators]]\nname = "small"\nbackend = "sim"\nmodel = "s"\n',
     )
     fake_log = tmp_path / "vllm.log"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(FAKE), os.environ.get("PYTHONPATH")])),
-        "FAKE_VLLM_LOG": str(fake_log),
-        "FAKE_VLLM_FAIL_START": "CUDA out of memory: 79.1 GiB in use",
-    }
-    out = tmp_path / "out.ndjson"
-    result = subprocess.run(
-        [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(out)],
-        capture_output=True,
-        env=env,
-        timeout=120,
+    env = _fake_env(
+        FAKE_VLLM_LOG=str(fake_log), FAKE_VLLM_FAIL_START="CUDA out of memory: 79.1 GiB in use"
     )
+    out = tmp_path / "out.ndjson"
+    result = _run(config, out, env)
     stderr = result.stderr.decode()
     assert result.returncode == 2, stderr
     assert "Traceback" not in stderr and not result.stdout
@@ -167,21 +163,11 @@ def _running(pid: int) -> bool:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_a_run_killed_while_engines_load_leaves_no_worker_behind(tmp_path: Path) -> None:
-    (tmp_path / "prompts.jsonl").write_text('{"id": "q0", "instruction": "Hi?"}\n')
-    config = tmp_path / "run.toml"
-    config.write_text(
-        '[source]\npath = "prompts.jsonl"\nid_column = "id"\n[routing]\nn = 1\n'
-        '[[generators]]\nname = "slow"\nbackend = "vllm"\nmodel = "org/m"\ngpu = 0\n'
-        '[rater]\nbackend = "sim"\nmodel = "judge"\n'
+    config = _one_prompt(
+        tmp_path, '[[generators]]\nname = "slow"\nbackend = "vllm"\nmodel = "org/m"\ngpu = 0\n'
     )
     fake_log = tmp_path / "vllm.log"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(FAKE), os.environ.get("PYTHONPATH")])),
-        "FAKE_VLLM_LOG": str(fake_log),
-        "FAKE_VLLM_BUILD_DELAY": "120",
-        "FAKE_VLLM_CORE": "1",
-    }
+    env = _fake_env(FAKE_VLLM_LOG=str(fake_log), FAKE_VLLM_BUILD_DELAY="120", FAKE_VLLM_CORE="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(tmp_path / "o")],
         stdout=subprocess.DEVNULL,

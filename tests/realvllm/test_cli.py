@@ -45,6 +45,14 @@ def _write(tmp_path: Path, prompts: int, body: str) -> Path:
     return config
 
 
+def _one_generator(model: Path, tmp_path: Path) -> Path:
+    """Five prompts, one vLLM generator (m0) and a simulated judge."""
+    gens = "[[generators]]\n" + _engine("m0", model, 0)
+    return _write(
+        tmp_path, 5, f'[routing]\nn = 1\n{gens}[rater]\nbackend = "sim"\nmodel = "judge"\n'
+    )
+
+
 def _ready_pids(stderr: str) -> dict[str, int]:
     return {m[1]: int(m[2]) for line in stderr.splitlines() if (m := READY.search(line))}
 
@@ -128,10 +136,7 @@ def test_kill_9_of_a_worker_mid_run_the_run_completes_on_the_others(
 def test_ctrl_c_while_the_engines_load_stops_within_seconds(
     tiny_model_path: Path, tmp_path: Path
 ) -> None:
-    gens = "[[generators]]\n" + _engine("m0", tiny_model_path, 0)
-    config = _write(
-        tmp_path, 5, f'[routing]\nn = 1\n{gens}[rater]\nbackend = "sim"\nmodel = "judge"\n'
-    )
+    config = _one_generator(tiny_model_path, tmp_path)
     out = tmp_path / "out.ndjson"
     log = tmp_path / "out.ndjson.logs" / "m0.log"
     with subprocess.Popen(
@@ -158,10 +163,7 @@ def test_ctrl_c_while_the_engines_load_stops_within_seconds(
 def test_a_run_killed_while_the_engines_load_leaves_no_vllm_process(
     tiny_model_path: Path, tmp_path: Path
 ) -> None:
-    gens = "[[generators]]\n" + _engine("m0", tiny_model_path, 0)
-    config = _write(
-        tmp_path, 5, f'[routing]\nn = 1\n{gens}[rater]\nbackend = "sim"\nmodel = "judge"\n'
-    )
+    config = _one_generator(tiny_model_path, tmp_path)
     out = tmp_path / "out.ndjson"
     with subprocess.Popen(
         [sys.executable, "-m", "streamfeedback", "run", str(config), "-o", str(out)],
