@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import anyio
 
@@ -34,7 +34,7 @@ from ._exceptions import (
     SourceError,
     StreamFeedbackError,
 )
-from ._files import hold
+from ._files import hold, is_regular
 from ._idset import IdSet
 from ._pipeline import Mode, Pipeline, unwrap_group
 from ._pricing import judge_cost
@@ -359,25 +359,37 @@ async def _metrics_server(config_path: str, where: tuple[int, str]) -> MetricsSe
     return server
 
 
+class _Held(NamedTuple):
+    """A file locked for the run, released when it ends."""
+
+    fd: int
+    path: str
+    drop_if_empty: bool = False
+    """A failures file nothing failed into: no file is left behind."""
+
+
 def _run_blocking(args: argparse.Namespace) -> int:
     backend_options = {"use_uvloop": True} if sys.platform != "win32" else {}
-    held: list[int] = []
+    held: list[_Held] = []
     try:
         return anyio.run(_run, args, held, backend="asyncio", backend_options=backend_options)
     finally:
-        for fd in held:
-            os.close(fd)
+        for lock in held:
+            if lock.drop_if_empty and is_regular(lock.fd) and os.fstat(lock.fd).st_size == 0:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock.path)  # still locked: no other run is using it
+            os.close(lock.fd)
 
 
 def _prepare(
-    args: argparse.Namespace, config: Config, held: list[int]
+    args: argparse.Namespace, config: Config, held: list[_Held]
 ) -> tuple[str, str, str | None, IdSet]:
     """Output, failures and spool paths, and the ids already in the output (a resumed run
-    skips them); locks the output file for the run (its fd goes to `held`), then repairs a
-    torn last line left by a crash.
+    skips them); locks the output and the failures file for the run (their fds go to `held`),
+    then repairs a torn last line left by a crash.
 
     :raises ConfigError: `generate` with nowhere to spool.
-    :raises FileBusy: another run holds the output.
+    :raises FileBusy: another run holds the output or the failures file.
     """
     out = getattr(args, "output", None) or config.output.path
     if args.command == "generate":
@@ -394,7 +406,7 @@ def _prepare(
         raise ConfigError(args.config, "spool.path", "generate needs a spool: pass --spool FILE")
     skip = IdSet()
     if out != "-":
-        held.append(hold(out))
+        held.append(_Held(hold(out), out))
     if out != "-" and args.resume and os.path.getsize(out):
         skip, torn = read_done_ids(out)
         if torn:
@@ -407,12 +419,16 @@ def _prepare(
                 "spool.path",
                 f"--no-resume would generate again what {spool} holds: move it away first",
             )
-    if os.path.exists(failures_path):
-        os.truncate(failures_path, 0)
+    # Two runs on one failures file (both writing records to stdout, say: shards) would wipe
+    # each other's failures; a failed prompt is retried by a rerun, so each run starts it empty.
+    fd = hold(failures_path)
+    held.append(_Held(fd, failures_path, drop_if_empty=True))
+    if is_regular(fd):
+        os.ftruncate(fd, 0)
     return out, failures_path, spool, skip
 
 
-async def _run(args: argparse.Namespace, held: list[int]) -> int:
+async def _run(args: argparse.Namespace, held: list[_Held]) -> int:
     config = load_config(args.config, args.overrides)
     check_environment(config, args.config)
     out, failures_path, spool, skip = _prepare(args, config, held)

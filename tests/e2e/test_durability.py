@@ -108,6 +108,39 @@ def test_a_second_run_on_the_same_output_exits_2_naming_the_first(tmp_path: Path
     assert _ids(out) == [f"q{i:05d}" for i in range(200)], "every prompt exactly once"
 
 
+def test_two_runs_to_stdout_do_not_share_a_failures_file(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 200, ttft=0.05, slots=2)
+    prompts = tmp_path / "prompts.jsonl"
+    rows = prompts.read_bytes().splitlines(keepends=True)
+    prompts.write_bytes(rows[0] + b"{not json\n" + b"".join(rows[1:]))
+    failures = tmp_path / "failures.ndjson"  # [output] failures, beside the config
+    with (tmp_path / "a.ndjson").open("wb") as records:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "streamfeedback", "run", str(config), "--no-progress"],
+            stdout=records,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            _wait_for(failures)
+            # a second shard writing to stdout as well: it would have emptied the first's file
+            second = sf("run", str(config), "--shard", "1/2")
+            assert second.returncode == 2, second.stderr.decode()
+            assert f"pid {first.pid}".encode() in second.stderr
+            assert str(failures).encode() in second.stderr
+            assert b"Traceback" not in second.stderr
+        finally:
+            _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 1, stderr.decode()
+    assert len(decode_lines((tmp_path / "a.ndjson").read_bytes())) == 200
+    (failure,) = [json.loads(line) for line in failures.read_bytes().splitlines()]
+    assert failure["line"] == 2, "the first run's failure is still there"
+
+    prompts.write_bytes(b"".join(rows))
+    clean = sf("run", str(config))
+    assert clean.returncode == 0, clean.stderr.decode()
+    assert not failures.exists(), "a run where nothing failed leaves no failures file"
+
+
 def test_no_resume_never_appends_onto_a_torn_last_line(tmp_path: Path) -> None:
     config = write_config(tmp_path, 5)
     out = tmp_path / "out.ndjson"
