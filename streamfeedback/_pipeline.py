@@ -128,15 +128,18 @@ class RecordStream:
 
     async def __anext__(self) -> Record:
         try:
-            record = await self._stream.receive()
+            return await self.receive()
         except anyio.EndOfStream:
             raise StopAsyncIteration from None
-        self._owner._count(record)
-        return record
 
     async def receive(self) -> Record:
-        """The next record. :raises anyio.EndOfStream: when the run is complete."""
-        record = await self._stream.receive()
+        """The next record. :raises anyio.EndOfStream: when the run is complete (its failures
+        written and counted too, so `statistics()` is final)."""
+        try:
+            record = await self._stream.receive()
+        except anyio.EndOfStream:
+            await self._owner._failures_written.wait()
+            raise
         self._owner._count(record)
         return record
 
@@ -249,6 +252,7 @@ class Pipeline:
         self._intake: Intake | None = None
         self._stopping = False
         self._records_out = self._failures_out = 0
+        self._failures_written = anyio.Event()
         self.pool = Pool(
             self.engines,
             {name: self._generator_configs[name] for name in self.engines},
@@ -410,10 +414,7 @@ class Pipeline:
         else:
             self._start_rating(tg, to_judge_rx, records_tx, failures_tx)
         failures_tx.close()
-        tg.start_soon(
-            partial(write_failures, failures_rx, self.failures_path, on_write=self._count_failures),
-            name="failures",
-        )
+        tg.start_soon(self._write_failures, failures_rx, name="failures")
         self._records = RecordStream(records_rx, self)
         self._records_rx = records_rx
         return self._records
@@ -638,6 +639,12 @@ class Pipeline:
 
     def _count(self, record: Record) -> None:
         self._records_out += 1
+
+    async def _write_failures(self, failures: Receiver[Failure]) -> None:
+        try:
+            await write_failures(failures, self.failures_path, on_write=self._count_failures)
+        finally:
+            self._failures_written.set()  # the record stream ends only after this
 
     def _count_failures(self, n: int) -> None:
         self._failures_out += n
