@@ -34,7 +34,7 @@ from ._exceptions import (
     SourceError,
     StreamFeedbackError,
 )
-from ._files import hold, is_regular
+from ._files import hold, is_regular, names
 from ._idset import IdSet
 from ._pipeline import Mode, Pipeline, unwrap_group
 from ._pricing import judge_cost
@@ -375,7 +375,8 @@ def _run_blocking(args: argparse.Namespace) -> int:
         return anyio.run(_run, args, held, backend="asyncio", backend_options=backend_options)
     finally:
         for lock in held:
-            if lock.drop_if_empty and is_regular(lock.fd) and os.fstat(lock.fd).st_size == 0:
+            empty = lock.drop_if_empty and is_regular(lock.fd) and os.fstat(lock.fd).st_size == 0
+            if empty and names(lock.fd, lock.path, follow=False):  # never a symlink's target
                 with contextlib.suppress(OSError):
                     os.unlink(lock.path)  # still locked: no other run is using it
             os.close(lock.fd)
@@ -397,6 +398,8 @@ def _prepare(
     failures_path = config.output.failures
     if getattr(args, "output", None) and args.output != "-":
         failures_path = f"{args.output}.failures.ndjson"
+    elif args.command == "generate" and args.spool:
+        failures_path = f"{args.spool}.failures.ndjson"  # shards of one config: one each
     spool = args.spool or config.spool.path
     if spool is None and config.output.path != "-" and args.command == "generate":
         spool = f"{config.output.path}.spool.ndjson"
@@ -421,10 +424,11 @@ def _prepare(
             )
     # Two runs on one failures file (both writing records to stdout, say: shards) would wipe
     # each other's failures; a failed prompt is retried by a rerun, so each run starts it empty.
-    fd = hold(failures_path)
-    held.append(_Held(fd, failures_path, drop_if_empty=True))
-    if is_regular(fd):
-        os.ftruncate(fd, 0)
+    if failures_path != "-":
+        fd = hold(failures_path)
+        held.append(_Held(fd, failures_path, drop_if_empty=True))
+        if is_regular(fd):
+            os.ftruncate(fd, 0)
     return out, failures_path, spool, skip
 
 

@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 from ._exceptions import FileBusy, SinkError
 
-__all__ = ["append_whole", "cut_torn_tail", "hold", "is_regular", "read_lines"]
+__all__ = ["append_whole", "cut_torn_tail", "hold", "is_regular", "names", "read_lines"]
 
 _CHUNK = 1 << 20
 
@@ -31,25 +31,39 @@ def hold(path: str, *, shared: bool = False) -> int:
     :raises SinkError: the file cannot be opened.
     """
     parent = os.path.dirname(path)
-    try:
-        if not shared and parent:
-            os.makedirs(parent, exist_ok=True)
-        fd = os.open(path, os.O_RDONLY if shared else os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise SinkError(f"{path}: cannot open: {exc.strerror}") from exc
-    if sys.platform == "win32" or not is_regular(fd):
-        return fd  # /dev/null, a pipe: nothing to guard
-    import fcntl
+    while True:
+        try:
+            if not shared and parent:
+                os.makedirs(parent, exist_ok=True)
+            fd = os.open(path, os.O_RDONLY if shared else os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise SinkError(f"{path}: cannot open: {exc.strerror}") from exc
+        if sys.platform == "win32" or not is_regular(fd):
+            return fd  # /dev/null, a pipe: nothing to guard
+        import fcntl
 
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _holder(fd)
+            os.close(fd)
+            raise FileBusy(path, pid) from None
+        except OSError:
+            return fd  # a filesystem without locks: run unguarded rather than not at all
+        if names(fd, path):
+            return fd
+        os.close(fd)  # its last holder removed it meanwhile: the lock guards nothing
+
+
+def names(fd: int, path: str, *, follow: bool = True) -> bool:
+    """Whether `path` is still the name of the file open as `fd` (a regular file; with
+    `follow=False`, not through a symlink)."""
     try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = _holder(fd)
-        os.close(fd)
-        raise FileBusy(path, pid) from None
+        st = os.stat(path) if follow else os.lstat(path)
     except OSError:
-        pass  # a filesystem without locks: run unguarded rather than not at all
-    return fd
+        return False
+    own = os.fstat(fd)
+    return stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def _holder(fd: int) -> int | None:

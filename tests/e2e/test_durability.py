@@ -128,6 +128,10 @@ def test_two_runs_to_stdout_do_not_share_a_failures_file(tmp_path: Path) -> None
             assert f"pid {first.pid}".encode() in second.stderr
             assert str(failures).encode() in second.stderr
             assert b"Traceback" not in second.stderr
+            own = tmp_path / "shard1.failures.ndjson"
+            apart = sf("run", str(config), "--shard", "1/2", "--set", f"output.failures={own}")
+            assert apart.returncode == 1, apart.stderr.decode()  # the bad row is in its shard
+            assert len(own.read_bytes().splitlines()) == 1
         finally:
             _, stderr = first.communicate(timeout=120)
     assert first.returncode == 1, stderr.decode()
@@ -139,6 +143,45 @@ def test_two_runs_to_stdout_do_not_share_a_failures_file(tmp_path: Path) -> None
     clean = sf("run", str(config))
     assert clean.returncode == 0, clean.stderr.decode()
     assert not failures.exists(), "a run where nothing failed leaves no failures file"
+
+
+def test_generate_shards_keep_their_failures_beside_their_spools(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 40, ttft=0.05, slots=2)
+    prompts = tmp_path / "prompts.jsonl"
+    rows = prompts.read_bytes().splitlines(keepends=True)
+    prompts.write_bytes(b"".join(rows[:3]) + b"{not json\n" + b"".join(rows[3:]))
+    shards = [
+        _start("generate", str(config), "--shard", f"{i}/2", "--spool", str(tmp_path / f"s{i}"))
+        for i in range(2)
+    ]
+    for shard in shards:
+        _, stderr = shard.communicate(timeout=120)
+        assert shard.returncode == 1, stderr.decode()  # a bad row fails in every shard
+    for i in range(2):  # each in a file of its own: neither emptied the other's
+        (failure,) = (tmp_path / f"s{i}.failures.ndjson").read_bytes().splitlines()
+        assert json.loads(failure)["line"] == 4
+    assert not (tmp_path / "failures.ndjson").exists()
+
+
+def test_failures_to_stdout_or_through_a_symlink_leave_no_stray_file(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 60, ttft=0.05, slots=2)
+    first = _start("run", str(config), "--set", "output.failures=-", cwd=tmp_path)
+    try:
+        time.sleep(0.5)
+        assert not (tmp_path / "-").exists(), "'-' is stdout, not a file named '-'"
+        dash = sf("run", str(config), "--set", "output.failures=-", cwd=tmp_path)
+        assert dash.returncode == 0, dash.stderr.decode()  # nothing to share: no lock
+    finally:
+        _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr.decode()
+
+    target = tmp_path / "kept.ndjson"
+    target.write_bytes(b"")
+    link = tmp_path / "failures-link.ndjson"
+    link.symlink_to(target)
+    linked = sf("run", str(config), "--set", f"output.failures={link}")
+    assert linked.returncode == 0, linked.stderr.decode()
+    assert link.is_symlink() and target.exists(), "an empty failures file is removed, not a link"
 
 
 def test_no_resume_never_appends_onto_a_torn_last_line(tmp_path: Path) -> None:
