@@ -9,6 +9,7 @@ type inside: the stage sees `BatchStatus` and plain answer texts. No message car
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
@@ -122,9 +123,13 @@ class BatchClient:
             self._key = read_key(self.config, self.base_url)
         except MissingKey as exc:
             raise JudgeUnavailable(f"judge {self.label}: {exc}") from None
+        # The SDK would read OPENAI_ORG_ID / OPENAI_PROJECT_ID raw: strip them as the live
+        # engine does (a stray newline would fail every call).
         self._client = openai.AsyncOpenAI(
             base_url=self.base_url,
             api_key=self._key,
+            organization=os.environ.get("OPENAI_ORG_ID", "").strip() or None,
+            project=os.environ.get("OPENAI_PROJECT_ID", "").strip() or None,
             max_retries=self.config.max_retries,
             timeout=self.config.timeout,
         )

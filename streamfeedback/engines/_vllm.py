@@ -43,6 +43,7 @@ from .._records import ChatRequest, Completion
 from ._tasks import TaskHost
 from ._vllm_worker import (
     MAX_FRAME,
+    PARENT_PID_ENV,
     Abort,
     Failed,
     Fatal,
@@ -304,6 +305,7 @@ class VLLMEngine:
     async def _spawn(self) -> None:
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in self.config.gpu_ids)
+        env[PARENT_PID_ENV] = str(os.getpid())  # a parent gone before the worker looks
         # The child must find this package even when it is not installed; appended, so that
         # the caller's own PYTHONPATH entries keep their precedence.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), _ROOT) if p)

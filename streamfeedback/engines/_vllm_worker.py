@@ -52,6 +52,7 @@ __all__ = [
     "FromWorker",
     "Generate",
     "Hello",
+    "PARENT_PID_ENV",
     "Ready",
     "Result",
     "Shutdown",
@@ -63,6 +64,8 @@ __all__ = [
 logger = logging.getLogger("streamfeedback.vllm_worker")
 
 MAX_FRAME = 64 * 1024 * 1024
+PARENT_PID_ENV = "STREAMFEEDBACK_PARENT_PID"
+"""Set by the parent: a worker whose parent died while Python started still sees it gone."""
 
 
 class _Message(msgspec.Struct, tag=True, frozen=True, kw_only=True):
@@ -429,8 +432,9 @@ def main() -> int:
     """Entry point of the child. First thing: take fds 0 and 1 for the protocol and point the
     real stdin/stdout elsewhere, so nothing vLLM (or a library it loads) prints can corrupt a
     frame, and nothing it reads can steal one. Its logs go to stderr, which is inherited."""
+    parent = int(os.environ.get(PARENT_PID_ENV) or os.getppid())
     threading.Thread(
-        target=_die_with_parent, args=(os.getppid(),), name="parent-watchdog", daemon=True
+        target=_die_with_parent, args=(parent,), name="parent-watchdog", daemon=True
     ).start()
     proto_in = os.dup(0)
     proto_out = os.dup(1)

@@ -215,3 +215,20 @@ async def test_ctrl_c_leaves_running_batches_to_the_rerun_at_once(tmp_path: Path
     assert sorted(r.id for r in records) == [f"q{i:03d}" for i in range(12)]
     _assert_aligned(records)
     assert _pending_prompts(tmp_path) == 0
+
+
+async def test_the_batch_client_sends_the_org_and_project_stripped(tmp_path: Path) -> None:
+    judge = judge_handler(untidy=0.0, broken=0.0, seed=7)
+    async with OpenAIServer(judge, api_key=KEY, batch_delay=0.02) as server:
+        config = _config(tmp_path, server.base_url, 3)
+        env = {**_env(), "OPENAI_ORG_ID": "org-batch\n", "OPENAI_PROJECT_ID": " proj-7 "}
+        with anyio.fail_after(60):
+            result = await anyio.run_process(
+                _command(config, tmp_path / "out.ndjson"), env=env, cwd=tmp_path, check=False
+            )
+        seen = [(r.path, r.headers) for r in server.requests]
+    assert result.returncode == 0, result.stderr.decode()
+    assert any("/batches" in path for path, _ in seen)
+    for path, headers in seen:
+        assert headers.get("openai-organization") == "org-batch", path
+        assert headers.get("openai-project") == "proj-7", path

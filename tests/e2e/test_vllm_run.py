@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -195,3 +196,23 @@ def test_a_run_killed_while_engines_load_leaves_no_worker_behind(tmp_path: Path)
 
 def _read(path: Path) -> str:
     return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
+def test_a_worker_whose_parent_died_before_it_started_goes_at_once() -> None:
+    """The parent's pid comes from the parent: one that died while the worker's Python was
+    still starting (the worker already re-parented when it first looks) is noticed too."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "streamfeedback.engines._vllm_worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=_fake_env(STREAMFEEDBACK_PARENT_PID=str(gone.pid)),
+        start_new_session=True,  # as the engine starts it: its group is its own to kill
+    )
+    try:
+        assert worker.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        worker.kill()
+        worker.communicate()
