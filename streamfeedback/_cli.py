@@ -375,8 +375,8 @@ def _run_blocking(args: argparse.Namespace) -> int:
         return anyio.run(_run, args, held, backend="asyncio", backend_options=backend_options)
     finally:
         for lock in held:
-            empty = lock.drop_if_empty and is_regular(lock.fd) and os.fstat(lock.fd).st_size == 0
-            if empty and names(lock.fd, lock.path, follow=False):  # never a symlink's target
+            empty = lock.drop_if_empty and os.fstat(lock.fd).st_size == 0
+            if empty and names(lock.fd, lock.path, follow=False):  # a regular file, no symlink
                 with contextlib.suppress(OSError):
                     os.unlink(lock.path)  # still locked: no other run is using it
             os.close(lock.fd)

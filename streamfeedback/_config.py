@@ -464,7 +464,7 @@ def check_environment(config: Config, origin: str = "<config>") -> None:
         if engine.backend != "openai":
             continue
         for env, _ in OPENAI_HEADER_VARS:
-            value = os.environ.get(env, "").strip()
+            value = sdk_env(env)
             if value and not header_safe(value):
                 raise ConfigError(
                     origin,
@@ -571,6 +571,12 @@ def api_key(engine: EngineConfig) -> str | None:
     if var is not None:
         return os.environ.get(var, "").strip() or None
     return os.environ.get("OPENAI_API_KEY", "").strip() or "EMPTY"
+
+
+def sdk_env(name: str) -> str | None:
+    """One of the SDK's own variables (OPENAI_ORG_ID, ...), stripped like the key; None when
+    unset or blank."""
+    return os.environ.get(name, "").strip() or None
 
 
 def _overridden(key: str, override: str) -> bool:

@@ -201,7 +201,7 @@ class _BatchRater:
             async for item in joined:
                 self.last_input = time.monotonic()
                 pid = item.prompt.id
-                if self.pass_over and self.stopping():
+                if self._passing_over():
                     continue  # in the spool: a rerun submits it
                 if pid in self.covered:
                     log.debug("%s is in a resumed batch; not submitted again", pid)
@@ -230,7 +230,7 @@ class _BatchRater:
                     self.builder = self.store.builder()
                 self.builder.add(self._encoder.encode(entry) + b"\n", lines, requests, 1)
             timers.cancel_scope.cancel()
-        if self.builder is not None and not (self.pass_over and self.stopping()):
+        if self.builder is not None and not self._passing_over():
             await self.slots.take()
             self._launch(tg)
 
@@ -240,11 +240,15 @@ class _BatchRater:
             await anyio.sleep(max(idle / 4, 0.01))
             if (
                 self.builder is not None
-                and not (self.pass_over and self.stopping())
+                and not self._passing_over()
                 and time.monotonic() - self.last_input >= idle
                 and self.slots.try_take()
             ):
                 self._launch(tg)
+
+    def _passing_over(self) -> bool:
+        """Stopped, with a spool that keeps what is not yet submitted for a rerun."""
+        return self.pass_over and self.stopping()
 
     def _launch(self, tg: TaskGroup) -> None:
         """Hand the open batch to a new chain; the caller holds a slot for it."""

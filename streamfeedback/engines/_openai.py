@@ -32,7 +32,6 @@ import asyncio
 import email.utils
 import logging
 import math
-import os
 import random
 import re
 import time
@@ -45,7 +44,7 @@ import anyio
 import msgspec
 import yarl
 
-from .._config import OPENAI_HEADER_VARS, EngineConfig, base_url
+from .._config import OPENAI_HEADER_VARS, EngineConfig, base_url, sdk_env
 from .._exceptions import (
     EngineBusy,
     EngineError,
@@ -209,8 +208,8 @@ class OpenAIEngine:
             "User-Agent": "streamfeedback",
         }
         for env, header in OPENAI_HEADER_VARS:  # the SDK's own variables, sent as the SDK does
-            if os.environ.get(env):
-                headers[header] = os.environ[env].strip()
+            if value := sdk_env(env):
+                headers[header] = value
         # A connection kept per request in flight, so a busy engine never reopens them; the
         # limiter, not the pool, bounds what is in flight.
         connections = max(1, self.config.concurrency)

@@ -9,7 +9,6 @@ type inside: the stage sees `BatchStatus` and plain answer texts. No message car
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
@@ -19,7 +18,7 @@ import msgspec
 import openai
 from openai.types import Batch
 
-from .._config import RaterConfig
+from .._config import RaterConfig, sdk_env
 from .._exceptions import JudgeUnavailable
 from ._openai_errors import (
     DEFAULT_BASE_URL,
@@ -128,8 +127,8 @@ class BatchClient:
         self._client = openai.AsyncOpenAI(
             base_url=self.base_url,
             api_key=self._key,
-            organization=os.environ.get("OPENAI_ORG_ID", "").strip() or None,
-            project=os.environ.get("OPENAI_PROJECT_ID", "").strip() or None,
+            organization=sdk_env("OPENAI_ORG_ID"),
+            project=sdk_env("OPENAI_PROJECT_ID"),
             max_retries=self.config.max_retries,
             timeout=self.config.timeout,
         )
